@@ -1,0 +1,101 @@
+"""Shared pieces of the samplers, written against ComfyUI's `model_sampling` hooks only.
+
+ComfyUI works in σ-space. A model's forward process is `model_sampling.noise_scaling(σ, n, x0)`,
+which is affine in (n, x0): x = a(σ)·n + b(σ)·x0, with (a, b) = (σ, 1) for ε/v models and
+(σ, 1 − σ) for flow models (SD3, FLUX). Every update below is expressed through a and b, so one
+sampler serves all three kinds of model. Nothing here imports ComfyUI.
+"""
+import math
+
+import torch
+
+
+class EpsSigmaSpace:
+    """Forward process x = x0 + σ·n, used when a denoiser carries no model_sampling of its own."""
+
+    def noise_scaling(self, sigma, noise, latent_image, max_denoise=False):
+        return latent_image + sigma * noise
+
+
+def model_sampling_of(model):
+    """The `model_sampling` behind a k-diffusion denoiser.
+
+    ComfyUI hands samplers a wrapper (KSamplerX0Inpaint → CFGGuider → BaseModel); this is the one
+    place that walks that chain, so samplers never reach into `inner_model.inner_model` themselves.
+    """
+    node = model
+    for _ in range(4):
+        if node is None:
+            break
+        sampling = getattr(node, "model_sampling", None)
+        if sampling is not None:
+            return sampling
+        node = getattr(node, "inner_model", None)
+    return EpsSigmaSpace()
+
+
+def forward_coefficients(model_sampling, sigma, like):
+    """(a, b) with noise_scaling(σ, n, x0) = a·n + b·x0, as 0-d tensors of `like`'s dtype/device."""
+    sigma = torch.as_tensor(sigma, dtype=like.dtype, device=like.device).reshape(())
+    one = torch.ones((), dtype=like.dtype, device=like.device)
+    zero = torch.zeros((), dtype=like.dtype, device=like.device)
+    a = model_sampling.noise_scaling(sigma, one, zero.clone())
+    b = model_sampling.noise_scaling(sigma, zero, one.clone())
+    return a, b
+
+
+def predicted_noise(model_sampling, x, denoised, sigma):
+    """ε̂ such that x = noise_scaling(σ, ε̂, D): the noise the denoiser implies (σ > 0)."""
+    a, b = forward_coefficients(model_sampling, sigma, x)
+    return (x - b * denoised) / a
+
+
+def ddim_jump(model_sampling, denoised, eps, sigma_to):
+    """Deterministic DDIM (η = 0) move to σ_to: keep x̂0 and ε̂, put them at σ_to."""
+    a, b = forward_coefficients(model_sampling, sigma_to, denoised)
+    return a * eps + b * denoised
+
+
+def forward_noise(model_sampling, x, sigma_from, sigma_to, noise):
+    """Sample q(x_σto | x_σfrom) of the forward process, for σ_to ≥ σ_from.
+
+    With x_s = a_s·n + b_s·x0, x_t = (b_t/b_s)·x_s + √(a_t² − (b_t/b_s)²·a_s²)·z has the marginal
+    of x_t. For ε models this is x + √(σ_t² − σ_s²)·z.
+    """
+    a_s, b_s = forward_coefficients(model_sampling, sigma_from, x)
+    a_t, b_t = forward_coefficients(model_sampling, sigma_to, x)
+    ratio = b_t / b_s
+    std = (a_t * a_t - ratio * ratio * a_s * a_s).clamp(min=0).sqrt()
+    return ratio * x + std * noise
+
+
+def seeded_noise_sampler(x, seed=None):
+    """noise_sampler(σ, σ_next) drawing N(0, I) like x from one generator (k-diffusion convention)."""
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=x.device)
+        generator.manual_seed(int(seed))
+
+    def sample(sigma, sigma_next):
+        return torch.randn(x.size(), dtype=x.dtype, layout=x.layout, device=x.device, generator=generator)
+
+    return sample
+
+
+def check_sigmas(sigmas):
+    """Refuse a σ list the samplers cannot walk, with a message that says how to fix it."""
+    if sigmas.ndim != 1:
+        raise ValueError(f"sigmas must be a 1-D list of noise levels, got shape {tuple(sigmas.shape)}.")
+    values = [float(s) for s in sigmas]
+    for i, value in enumerate(values):
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"sigmas[{i}] = {value} is not a finite noise level ≥ 0; check the SIGMAS input.")
+    for i in range(len(values) - 1):
+        if values[i + 1] > values[i]:
+            raise ValueError(
+                f"sigmas must be decreasing, but sigmas[{i + 1}] = {values[i + 1]:.6g} > sigmas[{i}] = {values[i]:.6g}. "
+                "Feed the sampler a scheduler's output (or flip the list with FlipSigmas)."
+            )
+    for i, value in enumerate(values[:-1]):
+        if value == 0:
+            raise ValueError(f"sigmas[{i}] = 0 before the end of the list; only the last noise level may be 0.")
