@@ -22,9 +22,9 @@ def lcm_timesteps(steps, strength=1.0, original_steps=ORIGINAL_STEPS, num_train_
     return [grid[(i * grid_size) // steps] for i in range(steps)]
 
 
-def lcm_sigmas(model_sampling, steps, denoise=1.0, end="zero"):
+def lcm_sigmas(model_sampling, steps, denoise=1.0, end="zero", original_steps=ORIGINAL_STEPS):
     """σ's of the LCM/TCD grid. denoise < 1 follows diffusers' `strength`: the grid shrinks to its lower part."""
     if denoise <= 0.0:
         raise ValueError("denoise must be > 0 for the LCM grid.")
-    timesteps = lcm_timesteps(steps, min(denoise, 1.0), num_train_timesteps=len(model_sampling.sigmas))
+    timesteps = lcm_timesteps(steps, min(denoise, 1.0), original_steps, len(model_sampling.sigmas))
     return sigmas_from_timesteps(model_sampling, timesteps, end)

@@ -1,0 +1,13 @@
+"""The pack's V3 nodes (thin: they translate ComfyUI types and call the pure samplers/schedules)."""
+from comfy_api.latest import ComfyExtension, io
+
+from .preview import SchedulePreview
+from .samplers import CTMGammaSampler, PCMSampler, TCDSampler
+from .schedulers import HyperSD1StepScheduler, LCMGridScheduler, PCMScheduler
+
+NODES = [PCMScheduler, LCMGridScheduler, HyperSD1StepScheduler, TCDSampler, CTMGammaSampler, PCMSampler, SchedulePreview]
+
+
+class FewStepExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return list(NODES)

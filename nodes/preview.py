@@ -1,0 +1,93 @@
+"""A picture of a σ schedule: log σ per step, with timesteps and (optionally) PCM phase edges."""
+import math
+
+import numpy as np
+import torch
+from comfy_api.latest import io
+from PIL import Image, ImageDraw, ImageFont
+
+from ..schedulers import pcm_phase_edges
+
+CATEGORY = "sampling/custom_sampling/schedulers"
+
+
+def draw_schedule(sigmas, timesteps=None, edge_sigmas=(), width=768, height=432, title=""):
+    """Render the schedule to an RGB uint8 array (pure PIL; no ComfyUI types)."""
+    img = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(img)
+    font = ImageFont.load_default(size=13)
+    left, right, top, bottom = 70, width - 20, 36, height - 46
+    values = [float(s) for s in sigmas]
+    positive = [v for v in values + list(edge_sigmas) if v > 0] or [1.0]
+    lo, hi = math.log10(min(positive)) - 0.1, math.log10(max(positive)) + 0.1
+    floor_y = bottom
+
+    def ypos(v):
+        if v <= 0:
+            return floor_y
+        return bottom - (math.log10(v) - lo) / (hi - lo) * (bottom - top - 14)
+
+    def xpos(i):
+        return left + (right - left) * (i / max(len(values) - 1, 1))
+
+    draw.rectangle([left, top, right, bottom], outline="black")
+    for decade in range(math.floor(lo), math.ceil(hi) + 1):
+        y = ypos(10.0 ** decade)
+        if top <= y <= bottom:
+            draw.line([left - 4, y, right, y], fill=(225, 225, 225))
+            draw.text((8, y - 7), f"1e{decade}", fill="black", font=font)
+    for v in edge_sigmas:
+        y = ypos(v)
+        draw.line([left, y, right, y], fill=(220, 120, 40), width=1)
+        draw.text((right - 120, y - 15), f"phase edge σ={v:.3g}", fill=(200, 100, 20), font=font)
+    points = [(xpos(i), ypos(v)) for i, v in enumerate(values)]
+    if len(points) > 1:
+        draw.line(points, fill=(30, 80, 200), width=2)
+    for i, ((x, y), v) in enumerate(zip(points, values)):
+        draw.ellipse([x - 4, y - 4, x + 4, y + 4], fill=(30, 80, 200))
+        label = f"{v:.3g}" if timesteps is None else f"{v:.3g} (t={timesteps[i]})"
+        draw.text((x + 6, y - 16), label, fill="black", font=font)
+        draw.text((x - 3, bottom + 6), str(i), fill="black", font=font)
+    draw.text((left, bottom + 24), "step", fill="black", font=font)
+    draw.text((left, 10), title or f"σ schedule, {len(values) - 1} steps (log scale; σ = 0 drawn on the floor)", fill="black", font=font)
+    return np.asarray(img)
+
+
+class SchedulePreview(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="FewStepSchedulePreview",
+            display_name="Schedule Preview (σ plot)",
+            category=CATEGORY,
+            description="Draws a SIGMAS list as an image: σ per step on a log scale, the training timestep of each σ when a "
+                        "model is connected, and PCM phase edges when phases > 0.",
+            inputs=[
+                io.Sigmas.Input("sigmas", tooltip="Any SIGMAS, e.g. from the PCM Scheduler or BasicScheduler."),
+                io.Model.Input("model", optional=True, tooltip="Optional: labels each σ with the model's timestep t."),
+                io.Int.Input("phases", default=0, min=0, max=50, optional=True,
+                             tooltip="Optional: draw the edges of a PCM with this many phases (needs model); 0 = none."),
+                io.Int.Input("ddim_timesteps", default=50, min=1, max=1000, optional=True,
+                             tooltip="K of the PCM whose edges are drawn (50 for SD1.5, 40 for SDXL)."),
+                io.Int.Input("width", default=768, min=256, max=2048, optional=True, tooltip="Image width in pixels."),
+                io.Int.Input("height", default=432, min=192, max=2048, optional=True, tooltip="Image height in pixels."),
+            ],
+            outputs=[io.Image.Output()],
+        )
+
+    @classmethod
+    def validate_inputs(cls, phases=None, ddim_timesteps=None, **kwargs):
+        if isinstance(phases, int) and isinstance(ddim_timesteps, int) and phases > ddim_timesteps:
+            return f"phases ({phases}) cannot exceed ddim_timesteps ({ddim_timesteps})."
+        return True
+
+    @classmethod
+    def execute(cls, sigmas, model=None, phases=0, ddim_timesteps=50, width=768, height=432) -> io.NodeOutput:
+        timesteps, edges = None, ()
+        if model is not None:
+            ms = model.get_model_object("model_sampling")
+            timesteps = [int(round(float(ms.timestep(s)))) if float(s) > 0 else "-" for s in sigmas.float()]
+            if phases > 0:
+                edges = [float(ms.sigmas[t]) for t in pcm_phase_edges(phases, ddim_timesteps, len(ms.sigmas))[1:-1]]
+        array = draw_schedule(sigmas, timesteps, edges, width, height)
+        return io.NodeOutput(torch.from_numpy(array.astype(np.float32) / 255.0)[None])
