@@ -8,6 +8,8 @@ With N sampling steps: N = M walks the edges; N > M adds sub-steps inside phases
 first), evenly spaced in t, which a consistent model re-targets to the same edge; N < M visits the
 edges nearest to i·M/N, i.e. jumps across phases (extrapolation: the LoRA was not trained for it).
 """
+import numpy as np
+
 from .common import sigmas_from_timesteps
 
 
@@ -30,10 +32,15 @@ def pcm_phase_edges(phases, ddim_steps, num_train_timesteps=1000):
 
 
 def trailing_timesteps(steps, num_train_timesteps=1000):
-    """diffusers' "trailing" spacing: round(T − i·T/N) − 1, i = 0..N−1 (999/749/499/249 for N = 4)."""
+    """diffusers' "trailing" spacing: round(T − i·T/N) − 1, i = 0..N−1 (999/749/499/249 for N = 4).
+
+    Built with np.arange over the float step exactly as diffusers does: its accumulated rounding moves
+    a few exact halves down (N = 48: 936, not 937), and DDIM parity needs the same integers.
+    """
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}.")
-    return [round(num_train_timesteps - i * num_train_timesteps / steps) - 1 for i in range(steps)]
+    spaced = np.round(np.arange(num_train_timesteps, 0, -num_train_timesteps / steps)).astype(np.int64) - 1
+    return [int(t) for t in spaced[:steps]]
 
 
 def pcm_timesteps(steps, phases=None, ddim_steps=None, num_train_timesteps=1000):
