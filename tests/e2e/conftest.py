@@ -1,0 +1,50 @@
+"""One real ComfyUI server (subprocess, loopback, this pack + the tiny SD1.5 checkpoint) per test session.
+
+When a test fails, the last lines of the server log are attached to its report, and the server's
+temporary base directory (log, output images) is kept for a look instead of being deleted.
+"""
+import sys
+from pathlib import Path
+
+import pytest
+
+TESTS_DIR = Path(__file__).resolve().parents[1]
+if str(TESTS_DIR) not in sys.path:
+    sys.path.insert(0, str(TESTS_DIR))
+
+from support.server import ComfyServer, tiny_checkpoint  # noqa: E402
+
+_servers = []
+_failures = []
+
+
+@pytest.fixture(scope="session")
+def checkpoint():
+    return tiny_checkpoint()
+
+
+@pytest.fixture(scope="session")
+def server(checkpoint):
+    instance = ComfyServer(checkpoints=[checkpoint])
+    _servers.append(instance)
+    instance.start()
+    try:
+        yield instance
+    finally:
+        instance.stop()
+        _servers.remove(instance)
+        if _failures:
+            print(f"\nComfyUI base dir kept for inspection: {instance.base_dir}")
+        else:
+            instance.cleanup()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed:
+        _failures.append(item.nodeid)
+    if report.failed and _servers:
+        server = _servers[-1]
+        report.sections.append(("ComfyUI server log, last lines (%s)" % server.log_path, server.log_tail(60)))

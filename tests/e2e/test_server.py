@@ -1,0 +1,296 @@
+"""End to end: the pack inside a real ComfyUI server, driven over HTTP like the frontend does.
+
+Checks what a user sees: the dropdowns and node docs in /object_info, every shipped workflow
+producing an image, and clear errors (validation or execution) for bad input, after which the
+server still runs the next good prompt.
+"""
+import copy
+import hashlib
+import json
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from support.server import execution_error, history_status
+
+WORKFLOWS_DIR = Path(__file__).resolve().parents[2] / "workflows"
+WORKFLOWS = sorted(WORKFLOWS_DIR.glob("*.json"))
+
+PACK_SAMPLERS = ["pcm", "tcd", "ctm_gamma"]
+PACK_SCHEDULERS = ["pcm", "lcm", "hyper_sd_1step"]
+PACK_NODES = [
+    "FewStepPCMScheduler", "FewStepLCMScheduler", "FewStepHyperSD1StepScheduler",
+    "FewStepTCDSampler", "FewStepCTMGammaSampler", "FewStepPCMSampler", "FewStepSchedulePreview",
+]
+# node → the dropdowns on it that must offer the pack's names
+DROPDOWNS = {
+    "KSampler": {"sampler_name": PACK_SAMPLERS, "scheduler": PACK_SCHEDULERS},
+    "KSamplerAdvanced": {"sampler_name": PACK_SAMPLERS, "scheduler": PACK_SCHEDULERS},
+    "KSamplerSelect": {"sampler_name": PACK_SAMPLERS},
+    "BasicScheduler": {"scheduler": PACK_SCHEDULERS},
+}
+
+
+def load_workflow(name):
+    return json.loads((WORKFLOWS_DIR / f"{name}.json").read_text())
+
+
+def nodes_of(graph, class_type):
+    return [node_id for node_id, node in graph.items() if node["class_type"] == class_type]
+
+
+def only_node(graph, class_type):
+    ids = nodes_of(graph, class_type)
+    assert len(ids) == 1, f"expected one {class_type} in the graph, found {ids}"
+    return ids[0]
+
+
+def input_spec(info, node, name):
+    """(type, options) of an input in /object_info, legacy `[[options], {...}]` or V3 `["COMBO", {"options"}]`."""
+    inputs = info[node]["input"]
+    spec = {**inputs.get("required", {}), **inputs.get("optional", {})}[name]
+    kind, extra = spec[0], (spec[1] if len(spec) > 1 else {})
+    return kind, extra
+
+
+def combo_options(info, node, name):
+    kind, extra = input_spec(info, node, name)
+    return kind if isinstance(kind, list) else extra.get("options", [])
+
+
+def expected_size(graph):
+    """(width, height) the SaveImage of a shipped workflow must have: the latent's size, or the plot's."""
+    if nodes_of(graph, "FewStepSchedulePreview"):
+        inputs = graph[only_node(graph, "FewStepSchedulePreview")]["inputs"]
+        return inputs["width"], inputs["height"]
+    inputs = graph[only_node(graph, "EmptyLatentImage")]["inputs"]
+    return inputs["width"], inputs["height"]
+
+
+def with_unique_prefix(graph):
+    """A copy whose SaveImage prefix (and any noise seed) is unique, so nothing can come from the cache."""
+    graph = copy.deepcopy(graph)
+    tag = uuid.uuid4().hex[:8]
+    seed = int(tag, 16)
+    for node in graph.values():
+        inputs = node["inputs"]
+        if node["class_type"] == "SaveImage":
+            inputs["filename_prefix"] = f"{inputs['filename_prefix']}_{tag}"
+        if "noise_seed" in inputs:
+            inputs["noise_seed"] = seed
+        if node["class_type"] in ("KSampler",):
+            inputs["seed"] = seed
+    return graph
+
+
+def assert_good_prompt_runs(server):
+    """The server still answers: a fresh one-step workflow runs to a saved, non-constant 64×64 PNG."""
+    graph = with_unique_prefix(load_workflow("hyper_sd_1step"))
+    entry = server.run(graph, timeout=120)
+    assert history_status(entry) == "success", execution_error(entry)
+    files = server.output_files(entry)
+    assert len(files) == 1 and files[0].is_file(), files
+    pixels = np.asarray(Image.open(files[0]))
+    assert pixels.shape[:2] == (64, 64)
+    assert pixels.std() > 0
+
+
+# -- /object_info ------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def object_info(server):
+    return server.object_info()
+
+
+@pytest.mark.parametrize("node,dropdown", [(n, d) for n, ds in DROPDOWNS.items() for d in ds])
+def test_dropdowns_list_pack_names(object_info, node, dropdown):
+    options = combo_options(object_info, node, dropdown)
+    assert options, f"{node}.{dropdown} has no options"
+    missing = [name for name in DROPDOWNS[node][dropdown] if name not in options]
+    assert not missing, f"{node}.{dropdown} lacks {missing}"
+    # The host's own entries are still there (the pack appended, it did not replace).
+    assert ("euler" if dropdown == "sampler_name" else "simple") in options
+
+
+@pytest.mark.parametrize("node", PACK_NODES)
+def test_pack_nodes_documented(object_info, node):
+    assert node in object_info, f"{node} is not registered"
+    entry = object_info[node]
+    assert entry["python_module"].startswith("custom_nodes."), entry["python_module"]
+    assert len(entry.get("description", "").strip()) >= 20, f"{node} has no useful description"
+    assert entry.get("display_name"), f"{node} has no display name"
+    inputs = entry["input"]
+    for section in ("required", "optional"):
+        for name, spec in inputs.get(section, {}).items():
+            extra = spec[1] if len(spec) > 1 else {}
+            assert extra.get("tooltip", "").strip(), f"{node}.{name} has no tooltip"
+
+
+def test_every_pack_node_has_a_help_page():
+    docs = Path(__file__).resolve().parents[2] / "web" / "docs"
+    for node in PACK_NODES:
+        page = docs / f"{node}.md"
+        assert page.is_file(), f"missing help page {page}"
+        assert page.read_text().lstrip().startswith("#"), f"{page} does not start with a heading"
+
+
+# -- shipped workflows -------------------------------------------------------------------------
+
+EXPECTED_WORKFLOWS = {"pcm_ksampler", "pcm_phased_custom", "tcd", "lcm", "ctm_gamma", "hyper_sd_1step",
+                      "schedule_preview"}
+
+
+def test_workflow_set_is_complete():
+    names = {p.stem for p in WORKFLOWS}
+    assert EXPECTED_WORKFLOWS <= names, f"missing workflows: {EXPECTED_WORKFLOWS - names}"
+    prefixes = []
+    for path in WORKFLOWS:
+        graph = json.loads(path.read_text())
+        save = only_node(graph, "SaveImage")
+        prefixes.append(graph[save]["inputs"]["filename_prefix"])
+        for ckpt in nodes_of(graph, "CheckpointLoaderSimple"):
+            assert graph[ckpt]["inputs"]["ckpt_name"] == "fewstep_tiny_sd15.safetensors", path.name
+    assert len(set(prefixes)) == len(prefixes), f"filename prefixes collide: {prefixes}"
+
+
+_digests = {}
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=[p.stem for p in WORKFLOWS])
+def test_workflow_runs_to_an_image(server, path):
+    graph = json.loads(path.read_text())
+    prefix = graph[only_node(graph, "SaveImage")]["inputs"]["filename_prefix"]
+    submitted = server.post_prompt(graph)
+    assert submitted.ok, f"{path.name} rejected (HTTP {submitted.status}):\n{submitted.messages()}"
+    entry = server.wait(submitted.prompt_id, timeout=120)
+    assert history_status(entry) == "success", f"{path.name} failed: {execution_error(entry)}"
+    files = server.output_files(entry)
+    assert len(files) == 1, files
+    image_path = files[0]
+    assert image_path.is_file(), f"{image_path} was reported but not written"
+    assert image_path.parent == server.output_dir
+    assert image_path.name.startswith(prefix) and image_path.suffix == ".png"
+    image = Image.open(image_path)
+    assert image.format == "PNG"
+    assert image.size == expected_size(graph)
+    pixels = np.asarray(image.convert("RGB")).astype(np.float64)
+    assert np.isfinite(pixels).all()
+    assert pixels.std() > 1.0, f"{image_path.name} is (nearly) constant"
+    if path.stem != "schedule_preview":
+        _digests[path.stem] = hashlib.sha256(pixels.tobytes()).hexdigest()
+
+
+def test_methods_give_different_images():
+    """Each sampling workflow computed its own image (no two identical): run after the workflow tests."""
+    if len(_digests) < 2:
+        pytest.skip("the workflow tests did not run in this session")
+    by_digest = {}
+    for name, digest in _digests.items():
+        by_digest.setdefault(digest, []).append(name)
+    same = [names for names in by_digest.values() if len(names) > 1]
+    assert not same, f"identical images from different workflows: {same}"
+
+
+# -- bad input: rejected by /prompt with a message that names the problem ------------------------
+
+def _set(graph, class_type, **values):
+    graph[only_node(graph, class_type)]["inputs"].update(values)
+    return graph
+
+
+VALIDATION_CASES = {
+    "unknown_sampler": (lambda: _set(load_workflow("pcm_ksampler"), "KSampler", sampler_name="no_such_sampler"),
+                        ["sampler_name", "no_such_sampler"]),
+    "unknown_scheduler": (lambda: _set(load_workflow("pcm_ksampler"), "KSampler", scheduler="no_such_scheduler"),
+                          ["scheduler", "no_such_scheduler"]),
+    "tcd_gamma_above_1": (lambda: _set(load_workflow("tcd"), "FewStepTCDSampler", gamma=1.5), ["gamma", "1.5"]),
+    "tcd_gamma_below_0": (lambda: _set(load_workflow("tcd"), "FewStepTCDSampler", gamma=-0.1), ["gamma", "-0.1"]),
+    "ctm_gamma_above_1": (lambda: _set(load_workflow("ctm_gamma"), "FewStepCTMGammaSampler", gamma=2.0), ["gamma"]),
+    "pcm_phases_exceed_ddim_timesteps": (
+        lambda: _set(load_workflow("pcm_phased_custom"), "FewStepPCMScheduler", phases=8, ddim_timesteps=4),
+        ["phases", "8", "ddim_timesteps", "4"]),
+    "lcm_steps_exceed_grid": (lambda: _set(load_workflow("tcd"), "FewStepLCMScheduler", steps=40, denoise=0.5),
+                              ["steps", "40"]),
+    "ksampler_steps_0": (lambda: _set(load_workflow("pcm_ksampler"), "KSampler", steps=0), ["steps", "min"]),
+    "basic_scheduler_steps_0": (lambda: _set(load_workflow("ctm_gamma"), "BasicScheduler", steps=0), ["steps", "min"]),
+    "hyper_sd_steps_0": (lambda: _set(load_workflow("hyper_sd_1step"), "FewStepHyperSD1StepScheduler", steps=0),
+                         ["steps", "min"]),
+}
+
+# ComfyUI 0.3.75 skips its min/max checks for every input of a node whose validate_inputs takes **kwargs
+# (execution.py, validate_inputs: `x not in validate_function_inputs and not validate_has_kwargs`).
+# FewStepPCMScheduler and FewStepLCMScheduler declare `validate_inputs(cls, ..., **kwargs)`, so steps=0
+# passes /prompt and only fails when the node runs. Strict: once nodes/schedulers.py is fixed, drop the mark.
+KWARGS_BUG = pytest.mark.xfail(strict=True, reason="nodes/schedulers.py: validate_inputs(**kwargs) disables "
+                                                   "ComfyUI's min/max checks (steps=0 accepted by /prompt)")
+VALIDATION_CASES_BUGGY = {
+    "pcm_scheduler_steps_0": (lambda: _set(load_workflow("pcm_phased_custom"), "FewStepPCMScheduler", steps=0),
+                              ["steps"]),
+    "lcm_scheduler_steps_0": (lambda: _set(load_workflow("tcd"), "FewStepLCMScheduler", steps=0), ["steps"]),
+}
+
+
+def _check_rejected(server, graph, words):
+    submitted = server.post_prompt(graph)
+    if submitted.ok:  # let it finish so the queue is free for the next test
+        entry = server.wait(submitted.prompt_id, timeout=120)
+        pytest.fail(f"/prompt accepted the graph (run ended: {history_status(entry)}, "
+                    f"{(execution_error(entry) or {}).get('exception_message')})")
+    assert submitted.status == 400, submitted
+    assert submitted.body.get("node_errors"), f"no node_errors in {submitted.body}"
+    text = submitted.messages()
+    for word in words:
+        assert word in text, f"{word!r} not in the error:\n{text}"
+    assert_good_prompt_runs(server)
+
+
+@pytest.mark.parametrize("case", list(VALIDATION_CASES))
+def test_bad_input_is_a_validation_error(server, case):
+    build, words = VALIDATION_CASES[case]
+    _check_rejected(server, build(), words)
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, marks=KWARGS_BUG) for c in VALIDATION_CASES_BUGGY])
+def test_bad_steps_on_pack_schedulers_is_a_validation_error(server, case):
+    build, words = VALIDATION_CASES_BUGGY[case]
+    _check_rejected(server, build(), words)
+
+
+def test_unknown_sampler_error_names_the_node(server):
+    graph = _set(load_workflow("pcm_ksampler"), "KSampler", sampler_name="no_such_sampler")
+    submitted = server.post_prompt(graph)
+    assert submitted.status == 400
+    node_id = only_node(graph, "KSampler")
+    errors = submitted.body["node_errors"][node_id]["errors"]
+    assert errors[0]["type"] == "value_not_in_list"
+    assert errors[0]["extra_info"]["input_name"] == "sampler_name"
+
+
+# -- bad input found only while running: an execution error in /history -------------------------
+
+def test_increasing_sigmas_is_an_execution_error(server):
+    graph = with_unique_prefix(load_workflow("pcm_phased_custom"))
+    scheduler = only_node(graph, "FewStepPCMScheduler")
+    graph["90"] = {"class_type": "FlipSigmas", "inputs": {"sigmas": [scheduler, 0]}}
+    sampler_node = only_node(graph, "SamplerCustomAdvanced")
+    graph[sampler_node]["inputs"]["sigmas"] = ["90", 0]
+    submitted = server.post_prompt(graph)
+    assert submitted.ok, submitted.messages()  # types are fine; the values are not
+    entry = server.wait(submitted.prompt_id, timeout=120)
+    assert history_status(entry) == "error"
+    assert entry["status"]["completed"] is False
+    error = execution_error(entry)
+    assert error is not None, entry["status"]
+    assert error["node_id"] == sampler_node and error["node_type"] == "SamplerCustomAdvanced"
+    assert "sigmas must be decreasing" in error["exception_message"], error["exception_message"]
+    assert not server.output_files(entry)
+    assert_good_prompt_runs(server)
+
+
+def test_server_alive_at_the_end(server):
+    assert server.alive()
+    stats = server.get_json("/system_stats")
+    assert "system" in stats
