@@ -7,6 +7,7 @@ from comfy_api.latest import io
 from PIL import Image, ImageDraw, ImageFont
 
 from ..schedulers import pcm_phase_edges
+from .schedulers import _out_of_range, _verdict
 
 CATEGORY = "sampling/custom_sampling/schedulers"
 
@@ -16,7 +17,7 @@ def draw_schedule(sigmas, timesteps=None, edge_sigmas=(), width=768, height=432,
     img = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(img)
     font = ImageFont.load_default(size=13)
-    left, right, top, bottom = 70, width - 20, 36, height - 46
+    left, right, top, bottom = 70, width - 150, 36, height - 46
     values = [float(s) for s in sigmas]
     positive = [v for v in values + list(edge_sigmas) if v > 0] or [1.0]
     lo, hi = math.log10(min(positive)) - 0.1, math.log10(max(positive)) + 0.1
@@ -39,7 +40,7 @@ def draw_schedule(sigmas, timesteps=None, edge_sigmas=(), width=768, height=432,
     for v in edge_sigmas:
         y = ypos(v)
         draw.line([left, y, right, y], fill=(220, 120, 40), width=1)
-        draw.text((right - 120, y - 15), f"phase edge σ={v:.3g}", fill=(200, 100, 20), font=font)
+        draw.text((right - 150, y - 15), f"phase edge sigma={v:.3g}", fill=(200, 100, 20), font=font)
     points = [(xpos(i), ypos(v)) for i, v in enumerate(values)]
     if len(points) > 1:
         draw.line(points, fill=(30, 80, 200), width=2)
@@ -49,7 +50,7 @@ def draw_schedule(sigmas, timesteps=None, edge_sigmas=(), width=768, height=432,
         draw.text((x + 6, y - 16), label, fill="black", font=font)
         draw.text((x - 3, bottom + 6), str(i), fill="black", font=font)
     draw.text((left, bottom + 24), "step", fill="black", font=font)
-    draw.text((left, 10), title or f"σ schedule, {len(values) - 1} steps (log scale; σ = 0 drawn on the floor)", fill="black", font=font)
+    draw.text((left, 10), title or f"sigma schedule, {len(values) - 1} steps (log scale; sigma = 0 drawn on the floor)", fill="black", font=font)
     return np.asarray(img)
 
 
@@ -76,10 +77,12 @@ class SchedulePreview(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, phases=None, ddim_timesteps=None, **kwargs):
+    def validate_inputs(cls, phases=None, ddim_timesteps=None):
+        # Named inputs only (a **kwargs signature disables ComfyUI's range checks); these two are checked here.
+        problems = [_out_of_range("phases", phases, 0, 50), _out_of_range("ddim_timesteps", ddim_timesteps, 1, 1000)]
         if isinstance(phases, int) and isinstance(ddim_timesteps, int) and phases > ddim_timesteps:
-            return f"phases ({phases}) cannot exceed ddim_timesteps ({ddim_timesteps})."
-        return True
+            problems.append(f"phases ({phases}) cannot exceed ddim_timesteps ({ddim_timesteps}).")
+        return _verdict(problems)
 
     @classmethod
     def execute(cls, sigmas, model=None, phases=0, ddim_timesteps=50, width=768, height=432) -> io.NodeOutput:

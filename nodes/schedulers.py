@@ -10,6 +10,18 @@ END_TOOLTIP = ("Where the last step lands. zero: σ = 0, a clean image (ComfyUI'
 DENOISE_TOOLTIP = "1.0 for text-to-image; below 1 for img2img: only the last part of the schedule is sampled."
 
 
+def _out_of_range(name, value, low, high):
+    """A message when a constant widget value lies outside [low, high]; None when fine or not a constant."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and not low <= value <= high:
+        return f"{name} = {value} is outside its range {low}..{high}."
+    return None
+
+
+def _verdict(problems):
+    problems = [p for p in problems if p]
+    return True if not problems else " ".join(problems)
+
+
 def _model_sampling(model):
     return model.get_model_object("model_sampling")
 
@@ -40,12 +52,15 @@ class PCMScheduler(io.ComfyNode):
             outputs=[io.Sigmas.Output()],
         )
 
+    # Named inputs only: a **kwargs signature makes ComfyUI skip min/max checks for every input, and it skips
+    # them for the inputs named here, so these are range-checked by hand.
     @classmethod
-    def validate_inputs(cls, phases=None, ddim_timesteps=None, **kwargs):
+    def validate_inputs(cls, phases=None, ddim_timesteps=None):
+        problems = [_out_of_range("phases", phases, 1, 50), _out_of_range("ddim_timesteps", ddim_timesteps, 1, 1000)]
         if isinstance(phases, int) and isinstance(ddim_timesteps, int) and phases > ddim_timesteps:
-            return (f"phases ({phases}) cannot exceed ddim_timesteps ({ddim_timesteps}): every phase needs at least one "
-                    f"DDIM timestep. Lower phases or raise ddim_timesteps.")
-        return True
+            problems.append(f"phases ({phases}) cannot exceed ddim_timesteps ({ddim_timesteps}): every phase needs at least "
+                            f"one DDIM timestep. Lower phases or raise ddim_timesteps.")
+        return _verdict(problems)
 
     @classmethod
     def execute(cls, model, phases, ddim_timesteps, steps, denoise, end) -> io.NodeOutput:
@@ -76,12 +91,15 @@ class LCMGridScheduler(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, steps=None, denoise=None, original_steps=None, **kwargs):
-        if isinstance(steps, int) and isinstance(denoise, float) and isinstance(original_steps, int):
+    def validate_inputs(cls, steps=None, denoise=None, original_steps=None):
+        problems = [_out_of_range("steps", steps, 1, 50), _out_of_range("denoise", denoise, 0.01, 1.0),
+                    _out_of_range("original_steps", original_steps, 1, 1000)]
+        if not any(problems) and None not in (steps, denoise, original_steps):
             grid = int(original_steps * denoise)
             if steps > grid:
-                return f"steps ({steps}) exceeds the {grid} grid timesteps left at denoise {denoise:g}; lower steps or raise denoise."
-        return True
+                problems.append(f"steps ({steps}) exceeds the {grid} grid timesteps left at denoise {denoise:g}; "
+                                "lower steps or raise denoise.")
+        return _verdict(problems)
 
     @classmethod
     def execute(cls, model, steps, denoise, original_steps, end) -> io.NodeOutput:

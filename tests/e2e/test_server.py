@@ -222,14 +222,18 @@ VALIDATION_CASES = {
 
 # ComfyUI 0.3.75 skips its min/max checks for every input of a node whose validate_inputs takes **kwargs
 # (execution.py, validate_inputs: `x not in validate_function_inputs and not validate_has_kwargs`).
-# FewStepPCMScheduler and FewStepLCMScheduler declare `validate_inputs(cls, ..., **kwargs)`, so steps=0
-# passes /prompt and only fails when the node runs. Strict: once nodes/schedulers.py is fixed, drop the mark.
-KWARGS_BUG = pytest.mark.xfail(strict=True, reason="nodes/schedulers.py: validate_inputs(**kwargs) disables "
-                                                   "ComfyUI's min/max checks (steps=0 accepted by /prompt)")
-VALIDATION_CASES_BUGGY = {
+# A validate_inputs(**kwargs) signature makes ComfyUI skip min/max checks for every input of a node;
+# these cases keep the pack's scheduler nodes honest about their ranges.
+RANGE_CASES = {
     "pcm_scheduler_steps_0": (lambda: _set(load_workflow("pcm_phased_custom"), "FewStepPCMScheduler", steps=0),
                               ["steps"]),
     "lcm_scheduler_steps_0": (lambda: _set(load_workflow("tcd"), "FewStepLCMScheduler", steps=0), ["steps"]),
+    "pcm_scheduler_steps_5000": (lambda: _set(load_workflow("pcm_phased_custom"), "FewStepPCMScheduler", steps=5000),
+                                 ["steps"]),
+    "pcm_scheduler_phases_0": (lambda: _set(load_workflow("pcm_phased_custom"), "FewStepPCMScheduler", phases=0),
+                               ["phases"]),
+    "pcm_scheduler_denoise_1.5": (lambda: _set(load_workflow("pcm_phased_custom"), "FewStepPCMScheduler", denoise=1.5),
+                                  ["denoise"]),
 }
 
 
@@ -253,9 +257,9 @@ def test_bad_input_is_a_validation_error(server, case):
     _check_rejected(server, build(), words)
 
 
-@pytest.mark.parametrize("case", [pytest.param(c, marks=KWARGS_BUG) for c in VALIDATION_CASES_BUGGY])
-def test_bad_steps_on_pack_schedulers_is_a_validation_error(server, case):
-    build, words = VALIDATION_CASES_BUGGY[case]
+@pytest.mark.parametrize("case", list(RANGE_CASES))
+def test_out_of_range_inputs_of_pack_schedulers_are_validation_errors(server, case):
+    build, words = RANGE_CASES[case]
     _check_rejected(server, build(), words)
 
 
