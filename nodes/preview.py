@@ -40,7 +40,7 @@ def draw_schedule(sigmas, timesteps=None, edge_sigmas=(), width=768, height=432,
     for v in edge_sigmas:
         y = ypos(v)
         draw.line([left, y, right, y], fill=(220, 120, 40), width=1)
-        draw.text((right - 150, y - 15), f"phase edge sigma={v:.3g}", fill=(200, 100, 20), font=font)
+        draw.text((right + 6, y - 7), f"phase edge {v:.3g}", fill=(200, 100, 20), font=font)
     points = [(xpos(i), ypos(v)) for i, v in enumerate(values)]
     if len(points) > 1:
         draw.line(points, fill=(30, 80, 200), width=2)
