@@ -516,22 +516,26 @@ def test_schedulers_valid_for_every_step_count(host):
 
 @pytest.mark.parametrize("with_model", [True, False])
 def test_schedule_preview_image(host, with_model):
-    sigmas = host.sigmas_node("pcm", 6)
-    kwargs = {"sigmas": sigmas, "width": 320, "height": 200}
-    if with_model:
-        kwargs.update(model=host.model, phases=4, ddim_timesteps=50)
-    (image,) = host.run("FewStepSchedulePreview", **kwargs)
+    def preview(sigmas, **extra):
+        kwargs = {"sigmas": sigmas, "width": 320, "height": 200, **extra}
+        if with_model:
+            kwargs.setdefault("model", host.model)
+        (image,) = host.run("FewStepSchedulePreview", **kwargs)
+        return image
+
+    image = preview(host.sigmas_node("pcm", 6), **({"phases": 4, "ddim_timesteps": 50} if with_model else {}))
     assert isinstance(image, torch.Tensor) and image.dtype == torch.float32
     assert tuple(image.shape) == (1, 200, 320, 3)
     assert float(image.min()) >= 0.0 and float(image.max()) <= 1.0
     assert float(image.std()) > 0.02, "blank preview"
-    non_white = (image < 0.9).any(dim=-1).float().mean()
-    assert 0.005 < float(non_white) < 0.6, f"{float(non_white):.3f} of the pixels are drawn"
-    blue = ((image[..., 2] > 0.6) & (image[..., 0] < 0.35)).float().sum()
-    assert blue > 20, "the σ curve (blue) is missing"
+    drawn = float((image < 0.9).any(dim=-1).float().mean())
+    assert 0.005 < drawn < 0.6, f"{drawn:.3f} of the pixels are drawn"
+    colour = (image.max(dim=-1).values - image.min(dim=-1).values) > 0.3
+    assert int(colour.sum()) > 20, "no coloured curve in the plot"
+    # The picture depends on its input: another schedule (and, with a model, the phase edges) changes it.
+    assert not torch.equal(image, preview(host.sigmas_node("lcm", 2), **({"phases": 4, "ddim_timesteps": 50} if with_model else {})))
     if with_model:
-        orange = ((image[..., 0] > 0.7) & (image[..., 1] > 0.35) & (image[..., 1] < 0.6) & (image[..., 2] < 0.3)).sum()
-        assert orange > 20, "phase edges (orange) are missing"
+        assert not torch.equal(image, preview(host.sigmas_node("pcm", 6), phases=0, ddim_timesteps=50))
 
 
 # ----------------------------------------------------------------------------------------------------------------
