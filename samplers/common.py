@@ -82,6 +82,31 @@ def seeded_noise_sampler(x, seed=None):
     return sample
 
 
+def jump_and_renoise(model, x, sigmas, extra_args, callback, intermediate_sigma, noise_sampler=None):
+    """The loop the pack's samplers share: from σ_i, DDIM-jump to σ_s = intermediate_sigma(model_sampling, σ_{i+1})
+    (capped at σ_{i+1}), then forward-diffuse up to σ_{i+1} with fresh noise when σ_s is below it.
+
+    A rule that returns σ_{i+1} itself is deterministic DDIM and draws no noise.
+    """
+    extra_args = {} if extra_args is None else extra_args
+    check_sigmas(sigmas)
+    sampling = model_sampling_of(model)
+    if noise_sampler is None:
+        noise_sampler = seeded_noise_sampler(x, extra_args.get("seed", None))
+    s_in = x.new_ones([x.shape[0]])
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i] * s_in, **extra_args)
+        if callback is not None:
+            callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
+        eps = predicted_noise(sampling, x, denoised, sigmas[i])
+        sigma_next = float(sigmas[i + 1])
+        sigma_s = min(intermediate_sigma(sampling, sigma_next), sigma_next)
+        x = ddim_jump(sampling, denoised, eps, sigma_s)
+        if sigma_next > sigma_s:
+            x = forward_noise(sampling, x, sigma_s, sigmas[i + 1], noise_sampler(sigmas[i], sigmas[i + 1]))
+    return x
+
+
 def check_sigmas(sigmas):
     """Refuse a σ list the samplers cannot walk, with a message that says how to fix it."""
     if sigmas.ndim != 1:

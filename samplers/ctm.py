@@ -9,11 +9,12 @@ import math
 
 import torch
 
-from .common import (check_sigmas, ddim_jump, forward_noise, model_sampling_of, predicted_noise,
-                     seeded_noise_sampler)
+from .common import jump_and_renoise
 
 
 def ctm_intermediate_sigma(sigma_next, sigma_end, gamma):
+    if gamma == 0.0:  # exactly σ_next: rounding in the formula must not turn γ = 0 into a (tiny) noise draw
+        return float(sigma_next)
     return math.sqrt(1.0 - gamma * gamma) * (float(sigma_next) - float(sigma_end)) + float(sigma_end)
 
 
@@ -21,20 +22,6 @@ def ctm_intermediate_sigma(sigma_next, sigma_end, gamma):
 def sample_ctm_gamma(model, x, sigmas, extra_args=None, callback=None, disable=None, gamma=0.5, noise_sampler=None):
     if not 0.0 <= gamma <= 1.0:
         raise ValueError(f"CTM gamma must be in [0, 1] (0 = deterministic, 1 = consistency multistep), got {gamma}.")
-    extra_args = {} if extra_args is None else extra_args
-    check_sigmas(sigmas)
-    sampling = model_sampling_of(model)
-    if noise_sampler is None:
-        noise_sampler = seeded_noise_sampler(x, extra_args.get("seed", None))
-    sigma_end = sigmas[-1]
-    s_in = x.new_ones([x.shape[0]])
-    for i in range(len(sigmas) - 1):
-        denoised = model(x, sigmas[i] * s_in, **extra_args)
-        if callback is not None:
-            callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
-        eps = predicted_noise(sampling, x, denoised, sigmas[i])
-        sigma_s = ctm_intermediate_sigma(sigmas[i + 1], sigma_end, gamma)
-        x = ddim_jump(sampling, denoised, eps, sigma_s)
-        if gamma > 0 and float(sigmas[i + 1]) > sigma_s:
-            x = forward_noise(sampling, x, sigma_s, sigmas[i + 1], noise_sampler(sigmas[i], sigmas[i + 1]))
-    return x
+    sigma_end = sigmas[-1]  # converted to a number only after jump_and_renoise has checked the list
+    return jump_and_renoise(model, x, sigmas, extra_args, callback,
+                            lambda sampling, sigma_next: ctm_intermediate_sigma(sigma_next, sigma_end, gamma), noise_sampler)

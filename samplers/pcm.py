@@ -8,20 +8,10 @@ diffusers' DDIMScheduler(set_alpha_to_one=False) validation setting.
 """
 import torch
 
-from .common import check_sigmas, ddim_jump, model_sampling_of, predicted_noise
+from .common import jump_and_renoise
 
 
 @torch.no_grad()
 def sample_pcm(model, x, sigmas, extra_args=None, callback=None, disable=None):
     """x_{i+1} = D + σ_{i+1}·ε̂ (through the model's own forward process for flow models)."""
-    extra_args = {} if extra_args is None else extra_args
-    check_sigmas(sigmas)
-    sampling = model_sampling_of(model)
-    s_in = x.new_ones([x.shape[0]])
-    for i in range(len(sigmas) - 1):
-        denoised = model(x, sigmas[i] * s_in, **extra_args)
-        if callback is not None:
-            callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
-        eps = predicted_noise(sampling, x, denoised, sigmas[i])
-        x = ddim_jump(sampling, denoised, eps, sigmas[i + 1])
-    return x
+    return jump_and_renoise(model, x, sigmas, extra_args, callback, lambda sampling, sigma_next: sigma_next)

@@ -9,8 +9,7 @@ import math
 
 import torch
 
-from .common import (check_sigmas, ddim_jump, forward_noise, model_sampling_of, predicted_noise,
-                     seeded_noise_sampler)
+from .common import jump_and_renoise
 
 
 def tcd_intermediate_sigma(model_sampling, sigma_next, gamma):
@@ -36,19 +35,5 @@ def tcd_intermediate_sigma(model_sampling, sigma_next, gamma):
 def sample_tcd(model, x, sigmas, extra_args=None, callback=None, disable=None, gamma=0.3, noise_sampler=None):
     if not 0.0 <= gamma <= 1.0:
         raise ValueError(f"TCD gamma must be in [0, 1] (0 = deterministic DDIM, 1 = fully stochastic), got {gamma}.")
-    extra_args = {} if extra_args is None else extra_args
-    check_sigmas(sigmas)
-    sampling = model_sampling_of(model)
-    if noise_sampler is None:
-        noise_sampler = seeded_noise_sampler(x, extra_args.get("seed", None))
-    s_in = x.new_ones([x.shape[0]])
-    for i in range(len(sigmas) - 1):
-        denoised = model(x, sigmas[i] * s_in, **extra_args)
-        if callback is not None:
-            callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
-        eps = predicted_noise(sampling, x, denoised, sigmas[i])
-        sigma_s = min(tcd_intermediate_sigma(sampling, sigmas[i + 1], gamma), float(sigmas[i + 1]))
-        x = ddim_jump(sampling, denoised, eps, sigma_s)
-        if gamma > 0 and float(sigmas[i + 1]) > sigma_s:
-            x = forward_noise(sampling, x, sigma_s, sigmas[i + 1], noise_sampler(sigmas[i], sigmas[i + 1]))
-    return x
+    return jump_and_renoise(model, x, sigmas, extra_args, callback,
+                            lambda sampling, sigma_next: tcd_intermediate_sigma(sampling, sigma_next, gamma), noise_sampler)
