@@ -18,19 +18,9 @@ log = logging.getLogger("fewstep")
 SAMPLERS = {"pcm": sample_pcm, "tcd": sample_tcd, "ctm_gamma": sample_ctm_gamma}
 
 
-def _pcm_trailing(model_sampling, steps):
-    return pcm_sigmas(model_sampling, steps)
-
-
-def _lcm_grid(model_sampling, steps):
-    return lcm_sigmas(model_sampling, steps)
-
-
-def _hyper_sd_1step(model_sampling, steps):
-    return hyper_sd_1step_sigmas(model_sampling, steps)
-
-
-SCHEDULERS = {"pcm": _pcm_trailing, "lcm": _lcm_grid, "hyper_sd_1step": _hyper_sd_1step}
+# ComfyUI calls handler(model_sampling, steps); the schedules take exactly that, with their defaults
+# (pcm: M = N phases, trailing; lcm: the 50-point grid; hyper_sd_1step: from t = 800).
+SCHEDULERS = {"pcm": pcm_sigmas, "lcm": lcm_sigmas, "hyper_sd_1step": hyper_sd_1step_sigmas}
 
 
 def register_samplers():
