@@ -1,7 +1,7 @@
 """SIGMAS nodes: PCM phased schedule, LCM/TCD 50-point grid, Hyper-SD one-step."""
 from comfy_api.latest import io
 
-from ..schedulers import END_CONVENTIONS, apply_denoise, hyper_sd_1step_sigmas, lcm_sigmas, pcm_sigmas
+from ..schedulers import END_CONVENTIONS, apply_denoise, hyper_sd_1step_sigmas, lcm_sigmas, lcm_timesteps, pcm_sigmas
 
 CATEGORY = "sampling/custom_sampling/schedulers"
 
@@ -95,10 +95,10 @@ class LCMGridScheduler(io.ComfyNode):
         problems = [_out_of_range("steps", steps, 1, 50), _out_of_range("denoise", denoise, 0.01, 1.0),
                     _out_of_range("original_steps", original_steps, 1, 1000)]
         if not any(problems) and None not in (steps, denoise, original_steps):
-            grid = int(original_steps * denoise)
-            if steps > grid:
-                problems.append(f"steps ({steps}) exceeds the {grid} grid timesteps left at denoise {denoise:g}; "
-                                "lower steps or raise denoise.")
+            try:
+                lcm_timesteps(steps, denoise, original_steps)
+            except ValueError as err:
+                problems.append(str(err))
         return _verdict(problems)
 
     @classmethod

@@ -15,7 +15,7 @@ def lcm_timesteps(steps, strength=1.0, original_steps=ORIGINAL_STEPS, num_train_
     if steps > grid_size:
         raise ValueError(
             f"the LCM/TCD grid has {grid_size} timesteps at strength/denoise {strength:g}, so steps must be ≤ {grid_size} "
-            f"(got {steps}; KSampler asks img2img schedules for int(steps/denoise) steps); lower steps or raise denoise."
+            f"(got {steps}; for img2img, KSampler asks for int(steps/denoise) steps); lower steps or raise denoise."
         )
     stride = num_train_timesteps // original_steps
     grid = [(k + 1) * stride - 1 for k in range(grid_size)][::-1]
