@@ -25,7 +25,7 @@ import torch  # noqa: E402
 import comfy.sample  # noqa: E402
 import comfy.sd  # noqa: E402
 from fewstep.nodes.registration import register_all  # noqa: E402
-from support.tiny_checkpoint import write_tiny_sd15  # noqa: E402
+from support.tiny_checkpoint import cached_tiny_sd15  # noqa: E402
 
 SAMPLERS = ["euler", "pcm", "tcd", "ctm_gamma", "lcm"]
 
@@ -36,7 +36,7 @@ def main():
     opts = parser.parse_args()
     register_all()
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    ckpt = write_tiny_sd15(ROOT / ".cache" / "fewstep_tiny_sd15_seed0.safetensors", seed=0)
+    ckpt = cached_tiny_sd15(0)
     model, clip, _vae, _ = comfy.sd.load_checkpoint_guess_config(str(ckpt), output_vae=False, output_clip=True)
     tokens = clip.tokenize("a photo of a cat")
     positive = clip.encode_from_tokens_scheduled(tokens)

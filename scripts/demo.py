@@ -16,7 +16,8 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT / "tests"))
 
-from support.server import ComfyServer, ServerError, execution_error, history_status, tiny_checkpoint  # noqa: E402
+from support.server import ComfyServer, ServerError, execution_error, history_status  # noqa: E402
+from support.tiny_checkpoint import cached_tiny_sd15  # noqa: E402
 
 WORKFLOWS_DIR = REPO_ROOT / "workflows"
 OUT_DIR = REPO_ROOT / "demo_out"
@@ -59,7 +60,7 @@ def main():
         print(f"demo: no workflows in {WORKFLOWS_DIR}", file=sys.stderr)
         return 1
     print("demo: tiny SD1.5 checkpoint ...", flush=True)
-    checkpoint = tiny_checkpoint()
+    checkpoint = cached_tiny_sd15()
     if OUT_DIR.exists():
         shutil.rmtree(OUT_DIR)
     OUT_DIR.mkdir(parents=True)

@@ -14,7 +14,7 @@ import torch
 
 import fewstep  # noqa: F401  (registered by tests/conftest.py)
 from fewstep.samplers import sample_ctm_gamma, sample_pcm, sample_tcd
-from fewstep.schedulers import lcm_sigmas, pcm_sigmas, sigmas_from_timesteps
+from fewstep.schedulers import lcm_sigmas, pcm_sigmas
 from fewstep.schedulers.noise_schedules import Denoiser, DiscreteVPSampling, FlowSampling, initial_noise_scale
 
 SHAPE = (2, 4, 8, 8)
@@ -240,5 +240,3 @@ def all_cases(sample_lcm=None):
             rows.append((f"SD3 flow core lcm vs FlowMatchEuler(stochastic), N={n}", sd3_stochastic(sample_lcm, n)))
     return rows
 
-
-__all__ = ["all_cases", "sigmas_from_timesteps"]

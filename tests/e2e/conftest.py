@@ -12,7 +12,8 @@ TESTS_DIR = Path(__file__).resolve().parents[1]
 if str(TESTS_DIR) not in sys.path:
     sys.path.insert(0, str(TESTS_DIR))
 
-from support.server import ComfyServer, tiny_checkpoint  # noqa: E402
+from support.server import ComfyServer  # noqa: E402
+from support.tiny_checkpoint import cached_tiny_sd15  # noqa: E402
 
 _servers = []
 _failures = []
@@ -20,7 +21,7 @@ _failures = []
 
 @pytest.fixture(scope="session")
 def checkpoint():
-    return tiny_checkpoint()
+    return cached_tiny_sd15()
 
 
 @pytest.fixture(scope="session")

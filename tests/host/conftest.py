@@ -20,11 +20,10 @@ import pytest
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 CHECKPOINT_SEED = 0
 CHECKPOINT_NAME = "fewstep_tiny_sd15.safetensors"
-CACHE_DIR = REPO_ROOT / ".cache"
 
 if str(REPO_ROOT / "tests") not in sys.path:
     sys.path.insert(0, str(REPO_ROOT / "tests"))
-from support.tiny_checkpoint import write_tiny_sd15  # noqa: E402
+from support.tiny_checkpoint import cached_tiny_sd15  # noqa: E402
 
 
 def _comfyui_path() -> pathlib.Path:
@@ -59,7 +58,7 @@ def comfy_host(tmp_path_factory):
         (base / sub).mkdir()
     (base / "custom_nodes" / "fewstep").symlink_to(REPO_ROOT, target_is_directory=True)
 
-    cached = write_tiny_sd15(CACHE_DIR / f"fewstep_tiny_sd15_seed{CHECKPOINT_SEED}.safetensors", seed=CHECKPOINT_SEED)
+    cached = cached_tiny_sd15(CHECKPOINT_SEED)
     (ckpt_dir / CHECKPOINT_NAME).symlink_to(cached)
 
     if str(comfy_root) not in sys.path:

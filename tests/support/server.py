@@ -276,14 +276,3 @@ class ComfyServer:
                 if image.get("type") == "output":
                     paths.append(self.output_dir / image.get("subfolder", "") / image["filename"])
         return paths
-
-
-TINY_CHECKPOINT_NAME = "fewstep_tiny_sd15.safetensors"
-
-
-def tiny_checkpoint(cache_dir=None, seed: int = 0) -> Path:
-    """The tiny SD1.5 test checkpoint under .cache/ (generated once, a few seconds; reused while its stamp matches)."""
-    from .tiny_checkpoint import write_tiny_sd15
-
-    cache = Path(cache_dir) if cache_dir else REPO_ROOT / ".cache"
-    return write_tiny_sd15(cache / TINY_CHECKPOINT_NAME, seed=seed)

@@ -193,6 +193,17 @@ def write_tiny_sd15(path, seed: int = 0) -> pathlib.Path:
     return path
 
 
+def cached_tiny_sd15(seed: int = 0, cache_dir=None) -> pathlib.Path:
+    """The one cached copy that tests, the demo and the benchmark share, under <repo>/.cache.
+
+    Seed 0 carries the name the shipped workflows load (fewstep_tiny_sd15.safetensors); other seeds get a suffix.
+    Written once (a few seconds), then reused while its stamp matches.
+    """
+    name = "fewstep_tiny_sd15.safetensors" if int(seed) == 0 else f"fewstep_tiny_sd15_seed{int(seed)}.safetensors"
+    cache = pathlib.Path(cache_dir) if cache_dir else _REPO_ROOT / ".cache"
+    return write_tiny_sd15(cache / name, seed=seed)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", type=pathlib.Path, help="output .safetensors path")
