@@ -1,0 +1,1 @@
+"""Pure LoRA file handling: key formats, scale rules, presets (no ComfyUI import)."""
