@@ -275,8 +275,10 @@ def module_aliases(name: str) -> list:
     for prefix in ("base_model.model.", "unet.base_model.model.", "transformer.base_model.model."):
         if name.startswith(prefix):
             component = prefix.split("base_model")[0]
-            add(component + name[len(prefix):])
-            add(name[len(prefix):])
+            rest = name[len(prefix):]
+            add(component + rest)
+            add(rest)
+            add("transformer." + rest)  # model-level PEFT saves of SD3/FLUX transformers
     if name.startswith("model.diffusion_model."):
         add(name[len("model."):])
     for base in list(out):

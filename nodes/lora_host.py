@@ -1,0 +1,203 @@
+"""Where a parsed LoRA meets ComfyUI: key maps, the model's architecture, patches, the load report.
+
+The key map is core's (`comfy.lora.model_lora_keys_unet/clip`), extended with the plain diffusers
+names of UNet layers that core only knows in their old attention-processor spelling — that gap is why
+core drops every attention key of PEFT/diffusers UNet LoRAs. Patches are core's LoRAAdapter, so
+sampling applies them exactly as core LoraLoader would.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+
+import comfy.lora
+import comfy.model_base
+import comfy.utils
+from comfy.weight_adapter import LoRAAdapter
+
+from ..loras.formats import LoraFileError, arch_label, module_aliases
+
+log = logging.getLogger("fewstep")
+
+
+def model_arch(model_patcher) -> str:
+    """'sd15' | 'sd2' | 'sdxl' | 'sd3' | 'flux' | the model config's class name for anything else."""
+    base = model_patcher.model
+    if isinstance(base, comfy.model_base.Flux):
+        return "flux"
+    if isinstance(base, comfy.model_base.SD3):
+        return "sd3"
+    if isinstance(base, comfy.model_base.SDXL):
+        return "sdxl"
+    unet_config = base.model_config.unet_config
+    if type(base) is comfy.model_base.BaseModel and unet_config.get("adm_in_channels") is None:
+        context = unet_config.get("context_dim")
+        if context == 768:
+            return "sd15"
+        if context == 1024:
+            return "sd2"
+    return type(base.model_config).__name__.lower()
+
+
+def clip_arch(clip) -> str | None:
+    keys = clip.cond_stage_model.state_dict().keys()
+    has_l = any(k.startswith("clip_l.") for k in keys)
+    has_g = any(k.startswith("clip_g.") for k in keys)
+    if has_l and has_g:
+        return "sdxl"
+    if has_l and not has_g:
+        return "sd15"
+    return None
+
+
+def arch_fits(lora_arch, target_arch) -> bool:
+    if lora_arch is None or target_arch is None or lora_arch == target_arch:
+        return True
+    return lora_arch == "mmdit" and target_arch in ("sd3", "flux")
+
+
+def lora_key_map(model=None, clip=None) -> dict:
+    """LoRA module name -> model weight key (or (key, offset)) for the UNet/transformer and text encoders."""
+    key_map = {}
+    if model is not None:
+        comfy.lora.model_lora_keys_unet(model.model, key_map)
+        unet_config = model.model.model_config.unet_config
+        if "num_res_blocks" in unet_config:  # a UNet: add the plain diffusers names core lacks
+            for diffusers_key, ldm_key in comfy.utils.unet_to_diffusers(unet_config).items():
+                if diffusers_key.endswith(".weight"):
+                    name = diffusers_key[: -len(".weight")]
+                    for alias in (name, "unet." + name):
+                        key_map.setdefault(alias, "diffusion_model." + ldm_key)
+    if clip is not None:
+        comfy.lora.model_lora_keys_clip(clip.cond_stage_model, key_map)
+    return key_map
+
+
+@dataclass
+class LoadReport:
+    file_name: str
+    key_formats: tuple
+    lora_arch: str | None
+    target_arch: str | None
+    ranks: list
+    model_layers: int = 0
+    clip_layers: int = 0
+    no_clip_layers: list = field(default_factory=list)  # text-encoder layers skipped because no CLIP was given
+    missed: list = field(default_factory=list)  # file keys that patch nothing, by name
+    scale_rules: tuple = ()
+
+    def line(self) -> str:
+        rank = "/".join(str(r) for r in self.ranks[:3]) + ("…" if len(self.ranks) > 3 else "")
+        parts = [f"{self.file_name}: {arch_label(self.lora_arch)} LoRA ({', '.join(self.key_formats)}, rank {rank})",
+                 f"{self.model_layers} model + {self.clip_layers} text-encoder layers patched",
+                 f"{len(self.missed)} keys missed"]
+        if self.no_clip_layers:
+            parts.append(f"{len(self.no_clip_layers)} text-encoder layers skipped (no CLIP connected)")
+        return ", ".join(parts)
+
+
+def _weight_shape(state_shapes: dict, target):
+    key, offset = (target, None) if isinstance(target, str) else target
+    shape = state_shapes.get(key)
+    if shape is None or offset is None:
+        return key, shape
+    shape = list(shape)
+    shape[offset[0]] = offset[2]
+    return key, tuple(shape)
+
+
+def _shapes(module) -> dict:
+    return {k: tuple(v.shape) for k, v in module.state_dict().items()}
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
+
+
+def build_patches(parsed, file_name: str, model=None, clip=None):
+    """(model patches, clip patches, LoadReport). Raises LoraFileError for a LoRA of another architecture."""
+    target_arch = model_arch(model) if model is not None else (clip_arch(clip) if clip is not None else None)
+    if not arch_fits(parsed.base_arch, target_arch):
+        raise LoraFileError(
+            f"{file_name} is a LoRA for {arch_label(parsed.base_arch)}, but the model is {arch_label(target_arch)}. "
+            f"Load a {arch_label(target_arch)} LoRA here, or use this LoRA with a {arch_label(parsed.base_arch)} checkpoint.")
+    key_map = lora_key_map(model, clip)
+    model_shapes = _shapes(model.model) if model is not None else {}
+    clip_shapes = _shapes(clip.cond_stage_model) if clip is not None else {}
+    # Text-encoder names resolve even without a CLIP so that they are reported as skipped, not missed.
+    te_only_map = {} if clip is not None else _text_encoder_names(parsed)
+
+    report = LoadReport(file_name, parsed.key_formats, parsed.base_arch, target_arch, parsed.ranks,
+                        missed=list(parsed.unused),
+                        scale_rules=tuple(sorted({m.scale_rule for m in parsed.modules})))
+    model_patches, clip_patches, misfits = {}, {}, []
+    for module in parsed.modules:
+        target = next((key_map[a] for a in module_aliases(module.name) if a in key_map), None)
+        if target is None:
+            if module.name in te_only_map:
+                report.no_clip_layers.append(module.name)
+            else:
+                report.missed.extend(module.keys)
+            continue
+        key, shape = _weight_shape(model_shapes, target)
+        patches = model_patches
+        if shape is None:
+            key, shape = _weight_shape(clip_shapes, target)
+            patches = clip_patches
+        delta = module.delta_shape()
+        if shape is None or delta[0] != shape[0] or _numel(delta) != _numel(shape):
+            misfits.append(f"{module.name} {tuple(delta)} vs {key} {shape}")
+            continue
+        alpha = None if module.scale_rule == "none" else module.scale * module.rank
+        patches[target] = LoRAAdapter(set(module.keys), (module.up, module.down, alpha, module.mid, None, None))
+    if misfits:
+        raise LoraFileError(
+            f"{file_name} does not fit the model: {len(misfits)} layer(s) have other shapes (first: {misfits[0]}). "
+            f"The LoRA looks like {arch_label(parsed.base_arch)}, the model is {arch_label(target_arch)}; "
+            "use a LoRA made for this model's architecture.")
+    if parsed.modules and not model_patches and not clip_patches and not report.no_clip_layers:
+        raise LoraFileError(
+            f"None of the {len(parsed.modules)} layers of {file_name} match the model "
+            f"(LoRA looks like {arch_label(parsed.base_arch)}, the model is {arch_label(target_arch)}). "
+            "Use a LoRA made for this model.")
+    report.model_layers, report.clip_layers = len(model_patches), len(clip_patches)
+    return model_patches, clip_patches, report
+
+
+_TEXT_ENCODER_PREFIXES = ("lora_te_", "lora_te1_", "lora_te2_", "lora_te3_", "text_encoder.", "text_encoder_2.",
+                          "text_encoders.", "te1.", "te2.")
+
+
+def _text_encoder_names(parsed) -> set:
+    return {m.name for m in parsed.modules if m.name.startswith(_TEXT_ENCODER_PREFIXES)}
+
+
+def apply_lora(parsed, file_name, model, clip, strength_model, strength_clip):
+    """(model', clip', LoadReport): clones patched as core LoraLoader does; inputs untouched."""
+    model_patches, clip_patches, report = build_patches(parsed, file_name, model, clip)
+    new_model, new_clip = model, clip
+    if model is not None and model_patches:
+        new_model = model.clone()
+        added = set(new_model.add_patches(model_patches, strength_model))
+        _check_all_added(model_patches, added, file_name)
+    if clip is not None and clip_patches:
+        new_clip = clip.clone()
+        added = set(new_clip.add_patches(clip_patches, strength_clip))
+        _check_all_added(clip_patches, added, file_name)
+    if report.missed:
+        log.warning("fewstep: %s: %d keys patch nothing: %s", file_name, len(report.missed), ", ".join(report.missed))
+    return new_model, new_clip, report
+
+
+def _check_all_added(patches, added, file_name):
+    lost = [k for k in patches if k not in added]
+    if lost:  # would mean our shape/key bookkeeping disagrees with the patcher's: never pass it off as loaded
+        raise RuntimeError(f"fewstep: {file_name}: the model refused {len(lost)} patches (first {lost[0]}); please report this.")
+
+
+def file_name_of(path: str) -> str:
+    return os.path.basename(path)

@@ -1,0 +1,218 @@
+"""Seeded LoRA files in every key format, for models the tests build, with the weights each must produce.
+
+`lora_layers(model, clip)` lists every LoRA-able weight of a loaded ComfyUI model: its weight key (or
+(key, offset) for the slices of FLUX's fused qkv) and the names each trainer family gives it. Names come
+from ComfyUI's own diffusers<->LDM tables (the host's truth); the loader under test must turn them back
+into the same weights. `make_lora(layers, fmt, seed)` writes a state dict in one format and returns, per
+target, the exact delta the loader must add: scale * (up @ down).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import torch
+
+CLIP_TARGETS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "mlp.fc1", "mlp.fc2")
+
+
+@dataclass
+class Layer:
+    component: str          # "unet" | "transformer" | "te1" | "te2"
+    target: object          # model weight key, or (key, (dim, start, length)) for a slice
+    shape: tuple            # shape of the (sliced) weight
+    names: dict             # naming scheme -> module name in that scheme (no prefix/suffix)
+
+
+def _unet_layers(model):
+    import comfy.utils
+
+    sd = model.model.state_dict()
+    out = []
+    for diffusers_key, ldm_key in comfy.utils.unet_to_diffusers(model.model.model_config.unet_config).items():
+        key = "diffusion_model." + ldm_key
+        if not diffusers_key.endswith(".weight") or key not in sd or sd[key].ndim < 2:
+            continue
+        name = diffusers_key[: -len(".weight")]
+        out.append(Layer("unet", key, tuple(sd[key].shape), {"diffusers": name, "ldm": ldm_key[: -len(".weight")]}))
+    return out
+
+
+def _dit_layers(model, table):
+    sd = model.model.state_dict()
+    out = []
+    for diffusers_key, target in table.items():
+        if not diffusers_key.endswith(".weight"):
+            continue
+        key, offset = (target, None) if isinstance(target, str) else target
+        if key not in sd or sd[key].ndim < 2:
+            continue
+        shape = list(sd[key].shape)
+        if offset is not None:
+            shape[offset[0]] = offset[2]
+        names = {"diffusers": diffusers_key[: -len(".weight")]}
+        if offset is None:
+            names["ldm"] = key[len("diffusion_model."): -len(".weight")]
+        out.append(Layer("transformer", target if offset is None else (key, tuple(offset)), tuple(shape), names))
+    return out
+
+
+def _clip_layers(clip):
+    sd = clip.cond_stage_model.state_dict()
+    out = []
+    for prefix, component in (("clip_l.", "te1"), ("clip_g.", "te2")):
+        for layer in range(64):
+            for target in CLIP_TARGETS:
+                key = f"{prefix}transformer.text_model.encoder.layers.{layer}.{target}.weight"
+                if key in sd:
+                    name = f"text_model.encoder.layers.{layer}.{target}"
+                    out.append(Layer(component, key, tuple(sd[key].shape), {"clip": name}))
+    return out
+
+
+def lora_layers(model=None, clip=None):
+    import comfy.model_base
+    import comfy.utils
+
+    layers = []
+    if model is not None:
+        base = model.model
+        if isinstance(base, comfy.model_base.Flux):
+            layers += _dit_layers(model, comfy.utils.flux_to_diffusers(base.model_config.unet_config, "diffusion_model."))
+        elif isinstance(base, comfy.model_base.SD3):
+            layers += _dit_layers(model, comfy.utils.mmdit_to_diffusers(base.model_config.unet_config, "diffusion_model."))
+        else:
+            layers += _unet_layers(model)
+    if clip is not None:
+        layers += _clip_layers(clip)
+    return layers
+
+
+# Per format: how a layer's module name is spelled, the down/up suffixes, how the scale is stored.
+# scale "alpha": a .alpha key per module; "peft": lora_adapter_metadata; "none": scale 1.
+FORMATS = {
+    "kohya": dict(suffix=(".lora_down.weight", ".lora_up.weight"), scale="alpha"),
+    "kohya-ldm": dict(suffix=(".lora_down.weight", ".lora_up.weight"), scale="alpha"),
+    "ldm": dict(suffix=(".lora_down.weight", ".lora_up.weight"), scale="alpha"),
+    "peft": dict(suffix=(".lora_A.weight", ".lora_B.weight"), scale="peft"),
+    "peft-noprefix": dict(suffix=(".lora_A.weight", ".lora_B.weight"), scale="none"),
+    "peft-default": dict(suffix=(".lora_A.default.weight", ".lora_B.default.weight"), scale="none"),
+    "peft-base_model": dict(suffix=(".lora_A.weight", ".lora_B.weight"), scale="peft"),
+    "diffusers-lora.down": dict(suffix=(".lora.down.weight", ".lora.up.weight"), scale="none"),
+    "lora_linear_layer": dict(suffix=(".lora_linear_layer.down.weight", ".lora_linear_layer.up.weight"), scale="none"),
+    "attn-processor": dict(suffix=("_lora.down.weight", "_lora.up.weight"), scale="none"),
+    "onetrainer": dict(suffix=(".lora_down.weight", ".lora_up.weight"), scale="alpha"),
+}
+
+_TE_KOHYA = {"te1": "lora_te1_", "te2": "lora_te2_"}
+_TE_DIFFUSERS = {"te1": "text_encoder.", "te2": "text_encoder_2."}
+
+
+def module_name(layer: Layer, fmt: str, single_te: bool):
+    """The module name `fmt` gives this layer, or None when the format cannot express it."""
+    if layer.component in ("te1", "te2"):
+        clip = layer.names["clip"]
+        if fmt in ("kohya", "kohya-ldm", "ldm", "onetrainer"):
+            prefix = "lora_te_" if single_te else _TE_KOHYA[layer.component]
+            return prefix + clip.replace(".", "_")
+        if fmt in ("peft", "peft-noprefix", "diffusers-lora.down", "lora_linear_layer", "peft-default"):
+            return _TE_DIFFUSERS[layer.component] + clip
+        return None
+    diffusers, ldm = layer.names["diffusers"], layer.names.get("ldm")
+    if layer.component == "unet":
+        return {
+            "kohya": "lora_unet_" + diffusers.replace(".", "_"),
+            "kohya-ldm": "lora_unet_" + ldm.replace(".", "_"),
+            "ldm": "diffusion_model." + ldm,
+            "peft": "unet." + diffusers,
+            "peft-noprefix": diffusers,
+            "peft-default": "unet." + diffusers,
+            "peft-base_model": "unet.base_model.model." + diffusers,
+            "diffusers-lora.down": "unet." + diffusers,
+            "lora_linear_layer": "unet." + diffusers,
+            "attn-processor": _processor_name(diffusers),
+        }.get(fmt)
+    return {  # SD3 / FLUX transformer
+        "kohya": None if ldm is None else "lora_unet_" + ldm.replace(".", "_"),
+        "ldm": None if ldm is None else "diffusion_model." + ldm,
+        "peft": "transformer." + diffusers,
+        "peft-default": "transformer." + diffusers,
+        "peft-base_model": "base_model.model." + diffusers,
+        "onetrainer": "lora_transformer_" + diffusers.replace(".", "_"),
+    }.get(fmt)
+
+
+def _processor_name(diffusers: str):
+    for proj in ("to_q", "to_k", "to_v", "to_out.0"):
+        if diffusers.endswith(".attn1." + proj) or diffusers.endswith(".attn2." + proj):
+            block = diffusers[: -len(proj) - 1]
+            return "unet." + block + ".processor." + proj.replace(".0", "")
+    return None
+
+
+def make_lora(layers, fmt, seed=0, rank=4, alpha=2.0, single_te=False, dtype=torch.float32):
+    """(state dict, safetensors metadata, {target: delta}) for `fmt`; delta = scale * up @ down in float64."""
+    spec = FORMATS[fmt]
+    down_suffix, up_suffix = spec["suffix"]
+    gen = torch.Generator().manual_seed(seed)
+    tensors, expected, peft_alpha_pattern = {}, {}, {}
+    for i, layer in enumerate(layers):
+        name = module_name(layer, fmt, single_te)
+        if name is None:
+            continue
+        out_dim, in_shape = layer.shape[0], layer.shape[1:]
+        down = (torch.randn((rank,) + tuple(in_shape[:1]) + tuple(in_shape[1:]), generator=gen) * 0.05).to(dtype)
+        up_shape = (out_dim, rank) + (1,) * (len(in_shape) - 1)
+        up = (torch.randn(up_shape, generator=gen) * 0.05).to(dtype)
+        scale = 1.0
+        if spec["scale"] == "alpha":
+            a = alpha if i % 5 else alpha * 3  # some modules with their own alpha
+            tensors[name + ".alpha"] = torch.tensor(a)
+            scale = a / rank
+        elif spec["scale"] == "peft":
+            scale = alpha / rank
+            if i % 7 == 3:  # an alpha_pattern entry for this module
+                path = _peft_module_path(name)
+                peft_alpha_pattern[path] = alpha * 2
+                scale = alpha * 2 / rank
+        tensors[name + down_suffix] = down.contiguous()
+        tensors[name + up_suffix] = up.contiguous()
+        delta = up.double().flatten(1) @ down.double().flatten(1)
+        expected[layer.target] = (scale * delta).reshape(layer.shape)
+    metadata = {"format": "pt"}
+    if spec["scale"] == "peft":
+        config = {}
+        components = sorted({_component(n) for n in _module_names(tensors, down_suffix)})
+        for comp in components:
+            patterns = {p: v for p, v in peft_alpha_pattern.items() if p.startswith(comp + "|")}
+            config.update({f"{comp}.r": rank, f"{comp}.lora_alpha": alpha,
+                           f"{comp}.alpha_pattern": {p.split("|", 1)[1]: v for p, v in patterns.items()}})
+        if fmt == "peft-base_model":  # a model-level save: no component prefixes
+            config = {"r": rank, "lora_alpha": alpha,
+                      "alpha_pattern": {p.split("|", 1)[1]: v for p, v in peft_alpha_pattern.items()}}
+        metadata["lora_adapter_metadata"] = json.dumps(config)
+    return tensors, metadata, expected
+
+
+def _module_names(tensors, down_suffix):
+    return [k[: -len(down_suffix)] for k in tensors if k.endswith(down_suffix)]
+
+
+def _component(module: str) -> str:
+    return module.split(".", 1)[0]
+
+
+def _peft_module_path(module: str) -> str:
+    comp, _, path = module.partition(".")
+    if module.startswith("base_model.model."):
+        comp, path = "base_model", module[len("base_model.model."):]
+    elif ".base_model.model." in module:
+        path = path[len("base_model.model."):]
+    return comp + "|" + path
+
+
+def write_lora(path, tensors, metadata):
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path), metadata=metadata)
+    return path
