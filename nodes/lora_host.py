@@ -124,7 +124,7 @@ def build_patches(parsed, file_name: str, model=None, clip=None):
     if not arch_fits(parsed.base_arch, target_arch):
         raise LoraFileError(
             f"{file_name} is a LoRA for {arch_label(parsed.base_arch)}, but the model is {arch_label(target_arch)}. "
-            f"Load a {arch_label(target_arch)} LoRA here, or use this LoRA with a {arch_label(parsed.base_arch)} checkpoint.")
+            f"Use a LoRA made for {arch_label(target_arch)} here, or this LoRA with a {arch_label(parsed.base_arch)} checkpoint.")
     key_map = lora_key_map(model, clip)
     model_shapes = _shapes(model.model) if model is not None else {}
     clip_shapes = _shapes(clip.cond_stage_model) if clip is not None else {}

@@ -215,7 +215,9 @@ def preset_model(model, preset):
     """Model-sampling patches a family needs: LCM's boundary condition, SD3's flow shift."""
     from comfy_extras.nodes_model_advanced import ModelSamplingDiscrete, ModelSamplingSD3
 
-    if preset.sampler == "lcm" and preset.family == "lcm" and model_arch(model) in ("sd15", "sdxl"):
+    # LCMScheduler's boundary condition lives in ComfyUI's LCM model sampling, whose σ table is the 50-point grid:
+    # right for the lcm schedule only (the 1-step UNet's t = 800 is off that grid).
+    if preset.sampler == "lcm" and preset.scheduler == "lcm" and model_arch(model) in ("sd15", "sdxl"):
         return ModelSamplingDiscrete().patch(model, "lcm", False)[0]
     if getattr(preset, "shift", None) and model_arch(model) == "sd3":
         return ModelSamplingSD3().patch(model, float(preset.shift))[0]
@@ -232,18 +234,20 @@ class FastSampler(io.ComfyNode):
             description="Samples exactly as the LoRA's preset says (sampler, schedule, steps, CFG, γ), with optional "
                         "overrides. Same noise and maths as SamplerCustom with those settings.",
             inputs=[
-                io.Model.Input("model"),
+                io.Model.Input("model", tooltip="The model the preset belongs to (e.g. the Fast LoRA Loader's MODEL)."),
                 Preset.Input("preset", tooltip="From Fast LoRA Loader or Hyper-SDXL 1-Step UNet Loader."),
-                io.Conditioning.Input("positive"),
+                io.Conditioning.Input("positive", tooltip="What the image should show."),
                 io.Conditioning.Input("negative", tooltip="Only has an effect when CFG > 1."),
-                io.Latent.Input("latent_image"),
-                io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff, control_after_generate=True),
+                io.Latent.Input("latent_image", tooltip="Empty latent for text-to-image, an encoded image for img2img."),
+                io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff, control_after_generate=True,
+                             tooltip="Seed of the start noise and of the fresh noise stochastic samplers add."),
                 io.Int.Input("steps", default=0, min=0, max=1000, tooltip="0 = the preset's steps."),
                 io.Float.Input("cfg", default=0.0, min=0.0, max=30.0, step=0.1, round=0.01,
                                tooltip="0 = the preset's CFG. 1 disables the negative prompt."),
                 io.Float.Input("gamma", default=-1.0, min=-1.0, max=1.0, step=0.01,
                                tooltip="TCD / CTM γ; -1 = the preset's. Ignored by deterministic samplers."),
-                io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01),
+                io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="1.0 for text-to-image; below 1 for img2img (the last part of the schedule)."),
             ],
             outputs=[io.Latent.Output()],
         )
@@ -276,7 +280,7 @@ class PresetToKSampler(io.ComfyNode):
             category="sampling/fewstep",
             description="Turns a preset into sampler_name / scheduler / steps / cfg for core KSampler (convert those "
                         "widgets to inputs and wire them). The note says what KSampler cannot express (e.g. γ ≠ 0.3).",
-            inputs=[Preset.Input("preset")],
+            inputs=[Preset.Input("preset", tooltip="From Fast LoRA Loader or Hyper-SDXL 1-Step UNet Loader.")],
             outputs=[
                 io.Combo.Output(display_name="sampler_name", options=comfy.samplers.KSampler.SAMPLERS),
                 io.Combo.Output(display_name="scheduler", options=comfy.samplers.KSampler.SCHEDULERS),

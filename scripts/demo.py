@@ -16,6 +16,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT / "tests"))
 
+from support.lora_files import cached_demo_loras  # noqa: E402
 from support.server import ComfyServer, ServerError, execution_error, history_status  # noqa: E402
 from support.tiny_checkpoint import cached_tiny_sd15  # noqa: E402
 
@@ -66,7 +67,7 @@ def main():
     OUT_DIR.mkdir(parents=True)
 
     rows, failed = [], []
-    server = ComfyServer(checkpoints=[checkpoint])
+    server = ComfyServer(checkpoints=[checkpoint], loras=cached_demo_loras(checkpoint))
     print("demo: starting ComfyUI ...", flush=True)
     try:
         server.start()

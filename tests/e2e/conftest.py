@@ -13,6 +13,7 @@ if str(TESTS_DIR) not in sys.path:
     sys.path.insert(0, str(TESTS_DIR))
 
 from support.server import ComfyServer  # noqa: E402
+from support.lora_files import cached_demo_loras  # noqa: E402
 from support.tiny_checkpoint import cached_tiny_sd15  # noqa: E402
 
 _servers = []
@@ -26,7 +27,7 @@ def checkpoint():
 
 @pytest.fixture(scope="session")
 def server(checkpoint):
-    instance = ComfyServer(checkpoints=[checkpoint])
+    instance = ComfyServer(checkpoints=[checkpoint], loras=cached_demo_loras(checkpoint))
     _servers.append(instance)
     instance.start()
     try:

@@ -24,6 +24,7 @@ PACK_SCHEDULERS = ["pcm", "lcm", "hyper_sd_1step"]
 PACK_NODES = [
     "FewStepPCMScheduler", "FewStepLCMScheduler", "FewStepHyperSD1StepScheduler",
     "FewStepTCDSampler", "FewStepCTMGammaSampler", "FewStepPCMSampler", "FewStepSchedulePreview",
+    "FewStepLoraLoader", "FewStepHyperSD1StepUNetLoader", "FewStepFastSampler", "FewStepPresetToKSampler",
 ]
 # node → the dropdowns on it that must offer the pack's names
 DROPDOWNS = {
@@ -140,7 +141,7 @@ def test_every_pack_node_has_a_help_page():
 # -- shipped workflows -------------------------------------------------------------------------
 
 EXPECTED_WORKFLOWS = {"pcm_ksampler", "pcm_phased_custom", "tcd", "lcm", "ctm_gamma", "hyper_sd_1step",
-                      "schedule_preview"}
+                      "schedule_preview", "pcm_lora_fast_sampler", "hyper_sd_lora_ksampler"}
 
 
 def test_workflow_set_is_complete():

@@ -216,3 +216,68 @@ def write_lora(path, tensors, metadata):
 
     save_file(tensors, str(path), metadata=metadata)
     return path
+
+
+# ---------------------------------------------------------------- files for the shipped workflows
+
+DEMO_LORAS = {  # official release names, so that the loader recognises them as a user's download would be
+    "pcm_sd15_smallcfg_4step_converted.safetensors": 101,
+    "Hyper-SD15-4steps-lora.safetensors": 102,
+}
+DEMO_STAMP_KEY = "fewstep.test_lora"
+
+
+def write_demo_lora(path, checkpoint, seed, rank=8):
+    """A kohya-format LoRA (LDM names, .alpha) for every UNet and text-encoder matrix of an SD1.5-layout
+    checkpoint, read from the checkpoint's own shapes (no ComfyUI needed); written atomically, reused."""
+    import os
+    import pathlib
+    import tempfile
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    path = pathlib.Path(path)
+    stamp = f"v1-seed{seed}-rank{rank}-{pathlib.Path(checkpoint).name}"
+    if path.is_file():
+        with safe_open(str(path), framework="pt") as f:
+            if (f.metadata() or {}).get(DEMO_STAMP_KEY) == stamp:
+                return path
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {}
+    with safe_open(str(checkpoint), framework="pt") as f:
+        for key in sorted(f.keys()):
+            shape = f.get_slice(key).get_shape()
+            if len(shape) < 2 or not key.endswith(".weight"):
+                continue
+            if key.startswith("model.diffusion_model."):
+                name = "lora_unet_" + key[len("model.diffusion_model."):-len(".weight")].replace(".", "_")
+            elif key.startswith("cond_stage_model.transformer.text_model.encoder.layers.") and any(
+                    t in key for t in CLIP_TARGETS):
+                name = "lora_te_" + key[len("cond_stage_model.transformer."):-len(".weight")].replace(".", "_")
+            else:
+                continue
+            down = torch.randn((rank,) + tuple(shape[1:]), generator=gen) * (0.3 / (shape[1] ** 0.5))
+            up = torch.randn((shape[0], rank) + (1,) * (len(shape) - 2), generator=gen) * 0.3 / rank ** 0.5
+            tensors[name + ".lora_down.weight"] = down.to(torch.float16)
+            tensors[name + ".lora_up.weight"] = up.to(torch.float16)
+            tensors[name + ".alpha"] = torch.tensor(float(rank))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".part", dir=str(path.parent))
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={DEMO_STAMP_KEY: stamp, "format": "pt"})
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        pathlib.Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def cached_demo_loras(checkpoint):
+    """The LoRA files the shipped LoRA workflows load, under <repo>/.cache/loras (written once)."""
+    import pathlib
+
+    folder = pathlib.Path(__file__).resolve().parents[2] / ".cache" / "loras"
+    return [write_demo_lora(folder / name, checkpoint, seed) for name, seed in DEMO_LORAS.items()]

@@ -95,8 +95,9 @@ def execution_error(entry: dict) -> dict | None:
 
 class ComfyServer:
     def __init__(self, checkpoints=(), base_dir=None, port=None, python=None, comfyui=None,
-                 startup_timeout=120.0, extra_args=()):
+                 startup_timeout=120.0, extra_args=(), loras=()):
         self.checkpoints = [Path(c) for c in checkpoints]
+        self.loras = [Path(p) for p in loras]
         self.comfyui = Path(comfyui) if comfyui else comfyui_path()
         self.python = python or sys.executable
         self.port = port
@@ -121,7 +122,7 @@ class ComfyServer:
     def _prepare_base_dir(self):
         if self.base_dir is None:
             self.base_dir = Path(tempfile.mkdtemp(prefix="fewstep-comfy-"))
-        for sub in ("models/checkpoints", "custom_nodes", "input", "output", "user"):
+        for sub in ("models/checkpoints", "models/loras", "custom_nodes", "input", "output", "user"):
             (self.base_dir / sub).mkdir(parents=True, exist_ok=True)
         pack = self.base_dir / "custom_nodes" / PACK_NAME
         if not pack.exists():
@@ -132,6 +133,10 @@ class ComfyServer:
             link = self.base_dir / "models" / "checkpoints" / ckpt.name
             if not link.exists():
                 link.symlink_to(ckpt.resolve())
+        for lora in self.loras:
+            link = self.base_dir / "models" / "loras" / lora.name
+            if not link.exists():
+                link.symlink_to(lora.resolve())
 
     def start(self) -> "ComfyServer":
         if self.process is not None:

@@ -1,0 +1,112 @@
+"""The LoRA nodes over HTTP: the shipped LoRA workflows (UI and API format), and bad LoRA files.
+
+Every bad file gives a validation error (HTTP 400) or an execution error that names the problem, nothing
+is saved, and the server answers the next good prompt.
+"""
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from support.server import execution_error, history_status
+from support.ui_format import renumbered, ui_to_api
+from tests.e2e.test_server import assert_good_prompt_runs, load_workflow, only_node, with_unique_prefix
+
+REPO = Path(__file__).resolve().parents[2]
+LORA_WORKFLOWS = ["pcm_lora_fast_sampler", "hyper_sd_lora_ksampler"]
+
+
+@pytest.fixture(scope="module")
+def object_info(server):
+    return server.object_info()
+
+
+@pytest.mark.parametrize("name", LORA_WORKFLOWS)
+def test_ui_workflow_is_the_api_workflow(name, object_info):
+    ui = json.loads((REPO / "example_workflows" / f"{name}.json").read_text())
+    api = load_workflow(name)
+    assert ui_to_api(ui, object_info) == renumbered(api)
+
+
+@pytest.mark.parametrize("name", LORA_WORKFLOWS)
+def test_lora_workflow_summary_and_preset(name, server):
+    """The loader summary (shown by core PreviewAny) reports zero missed keys and the recognised family."""
+    graph = with_unique_prefix(load_workflow(name))
+    loader = only_node(graph, "FewStepLoraLoader")
+    graph["95"] = {"class_type": "PreviewAny", "inputs": {"source": [loader, 3]}}
+    submitted = server.post_prompt(graph)
+    assert submitted.ok, submitted.messages()
+    entry = server.wait(submitted.prompt_id, timeout=120)
+    assert history_status(entry) == "success", execution_error(entry)
+    text = json.dumps(entry["outputs"].get("95", {}))
+    assert "0 keys missed" in text and "69 model + 72 text-encoder layers patched" in text, text
+    family = "PCM" if name.startswith("pcm") else "Hyper-SD"
+    assert family in text and "file name" in text, text
+
+
+def _loras_dir(server):
+    return server.base_dir / "models" / "loras"
+
+
+def _bad_files(folder):
+    n = "lora_unet_input_blocks_1_1_proj_in"
+    good = {n + ".lora_down.weight": torch.ones(4, 320), n + ".lora_up.weight": torch.ones(320, 4, 1, 1)}
+    save_file(good, str(folder / "e2e_cut_me.safetensors"))
+    data = (folder / "e2e_cut_me.safetensors").read_bytes()
+    (folder / "e2e_truncated.safetensors").write_bytes(data[:-100])
+    (folder / "e2e_empty.safetensors").write_bytes(b"")
+    (folder / "e2e_pickle.ckpt").write_bytes(b"\x80\x04\x95cos\nsystem\n(S'echo owned'\ntR.")
+    save_file({n + ".lora_down.weight": torch.full((4, 320), float("nan")), n + ".lora_up.weight": torch.ones(320, 4, 1, 1)},
+              str(folder / "e2e_nan.safetensors"))
+    save_file({n + ".lora_down.weight": torch.zeros(4096, 1), n + ".lora_up.weight": torch.zeros(1, 4096)},
+              str(folder / "e2e_rank.safetensors"))
+    xl = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k"
+    save_file({xl + ".lora_down.weight": torch.ones(4, 2048), xl + ".lora_up.weight": torch.ones(640, 4)},
+              str(folder / "e2e_sdxl.safetensors"))
+
+
+def _graph_with(lora_name):
+    graph = with_unique_prefix(load_workflow("pcm_lora_fast_sampler"))
+    graph[only_node(graph, "FewStepLoraLoader")]["inputs"]["lora_name"] = lora_name
+    return graph
+
+
+@pytest.mark.parametrize("name,words", [
+    ("e2e_truncated.safetensors", ["lora_name", "truncated"]),
+    ("e2e_empty.safetensors", ["empty"]),
+    ("e2e_pickle.ckpt", ["never unpickled"]),
+    ("../../checkpoints/fewstep_tiny_sd15.safetensors", ["lora_name"]),
+])
+def test_bad_lora_file_is_a_validation_error(name, words, server):
+    _bad_files(_loras_dir(server))
+    submitted = server.post_prompt(_graph_with(name))
+    if submitted.ok:
+        entry = server.wait(submitted.prompt_id, timeout=120)
+        pytest.fail(f"accepted: {history_status(entry)} {execution_error(entry)}")
+    assert submitted.status == 400
+    text = submitted.messages()
+    for word in words:
+        assert word in text, text
+    assert_good_prompt_runs(server)
+
+
+@pytest.mark.parametrize("name,words", [
+    ("e2e_nan.safetensors", ["NaN or Inf"]),
+    ("e2e_rank.safetensors", ["rank 4096"]),
+    ("e2e_sdxl.safetensors", ["for SDXL", "the model is SD1.5"]),
+])
+def test_bad_lora_content_is_an_execution_error(name, words, server):
+    _bad_files(_loras_dir(server))
+    submitted = server.post_prompt(_graph_with(name))
+    assert submitted.ok, submitted.messages()
+    entry = server.wait(submitted.prompt_id, timeout=120)
+    assert history_status(entry) == "error"
+    error = execution_error(entry)
+    assert error["node_type"] == "FewStepLoraLoader"
+    for word in words:
+        assert word in error["exception_message"], error["exception_message"]
+    assert not server.output_files(entry)
+    assert_good_prompt_runs(server)

@@ -1,0 +1,115 @@
+"""UI-format (litegraph) workflows <-> API-format prompts, using the server's /object_info.
+
+`api_to_ui` lays an API prompt out as a drag-and-drop workflow (what example_workflows/ ships);
+`ui_to_api` turns it back the way the frontend's "queue prompt" does: widget values in the order of the
+node's inputs (an extra control value after widgets with control_after_generate), links for connected
+inputs. A shipped UI workflow is correct when ui_to_api gives back its API twin.
+"""
+from __future__ import annotations
+
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+
+
+def _spec(info: dict, name: str):
+    for section in ("required", "optional"):
+        if name in info["input"].get(section, {}):
+            return info["input"][section][name]
+    raise KeyError(name)
+
+
+def _input_names(info: dict):
+    order = info.get("input_order") or {s: list(info["input"].get(s, {})) for s in ("required", "optional")}
+    return list(order.get("required", [])) + list(order.get("optional", []))
+
+
+def _is_widget(spec) -> bool:
+    kind = spec[0]
+    return isinstance(kind, list) or kind in WIDGET_TYPES
+
+
+def _type_name(kind) -> str:
+    return "COMBO" if isinstance(kind, list) else kind
+
+
+def _has_control(spec) -> bool:
+    return len(spec) > 1 and bool((spec[1] or {}).get("control_after_generate"))
+
+
+def api_to_ui(api: dict, object_info: dict) -> dict:
+    ids = {key: i + 1 for i, key in enumerate(api)}
+    links, nodes = [], []
+    out_links = {}
+    for key, node in api.items():
+        info = object_info[node["class_type"]]
+        inputs, widgets = [], []
+        for name in _input_names(info):
+            spec = _spec(info, name)
+            value = node["inputs"].get(name)
+            linked = isinstance(value, list) and len(value) == 2 and isinstance(value[0], str)
+            if linked:
+                link_id = len(links) + 1
+                src, slot = value
+                src_type = _type_name(object_info[api[src]["class_type"]]["output"][slot])
+                links.append([link_id, ids[src], slot, ids[key], len(inputs), src_type])
+                out_links.setdefault((src, slot), []).append(link_id)
+                entry = {"name": name, "type": _type_name(spec[0]), "link": link_id}
+                if _is_widget(spec):
+                    entry["widget"] = {"name": name}
+                inputs.append(entry)
+            if _is_widget(spec):
+                widgets.append(None if linked else value)
+                if _has_control(spec):
+                    widgets.append("fixed")
+        nodes.append({"key": key, "inputs": inputs, "widgets": widgets, "info": info})
+    ui_nodes = []
+    for order, n in enumerate(nodes):
+        info, key = n["info"], n["key"]
+        outputs = [{"name": name, "type": _type_name(kind), "links": out_links.get((key, slot), []), "slot_index": slot}
+                   for slot, (name, kind) in enumerate(zip(info["output_name"], info["output"]))]
+        ui_nodes.append({
+            "id": ids[key], "type": api[key]["class_type"], "title": api[key].get("_meta", {}).get("title"),
+            "pos": [40 + 340 * (order % 4), 40 + 320 * (order // 4)], "size": [300, 200], "flags": {},
+            "order": order, "mode": 0, "inputs": n["inputs"], "outputs": outputs,
+            "properties": {"Node name for S&R": api[key]["class_type"]}, "widgets_values": n["widgets"],
+        })
+    return {"last_node_id": len(api), "last_link_id": len(links), "nodes": ui_nodes, "links": links,
+            "groups": [], "config": {}, "extra": {}, "version": 0.4}
+
+
+def ui_to_api(ui: dict, object_info: dict) -> dict:
+    links = {link[0]: link for link in ui["links"]}
+    api = {}
+    for node in ui["nodes"]:
+        if node.get("mode", 0) != 0:
+            continue
+        info = object_info[node["type"]]
+        linked = {i["name"]: links[i["link"]] for i in node.get("inputs", []) if i.get("link") is not None}
+        values = list(node.get("widgets_values") or [])
+        inputs = {}
+        for name in _input_names(info):
+            spec = _spec(info, name)
+            if _is_widget(spec):
+                value = values.pop(0)
+                if _has_control(spec):
+                    values.pop(0)
+                if name not in linked:
+                    inputs[name] = value
+            if name in linked:
+                link = linked[name]
+                inputs[name] = [str(link[1]), link[2]]
+        entry = {"class_type": node["type"], "inputs": inputs}
+        if node.get("title"):
+            entry["_meta"] = {"title": node["title"]}
+        api[str(node["id"])] = entry
+    return api
+
+
+def renumbered(api: dict) -> dict:
+    """The API prompt with node ids 1..n in their order, as api_to_ui numbers them."""
+    ids = {key: str(i + 1) for i, key in enumerate(api)}
+    out = {}
+    for key, node in api.items():
+        inputs = {k: ([ids[v[0]], v[1]] if isinstance(v, list) and len(v) == 2 and isinstance(v[0], str) else v)
+                  for k, v in node["inputs"].items()}
+        out[ids[key]] = dict(node, inputs=inputs)
+    return out
