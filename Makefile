@@ -24,6 +24,7 @@ demo: setup
 bench: setup
 	$(PY) bench/sampler_overhead.py
 	$(PY) scripts/parity_report.py
+	$(PY) bench/lora_load.py
 
 parity: setup
 	$(PY) scripts/parity_report.py
