@@ -302,8 +302,9 @@ def module_aliases(name: str) -> list:
     return out
 
 
+# SD3 first: its LDM names share "x_embedder" with FLUX's diffusers names, nothing with FLUX's own.
 _FLUX_TOKENS = ("double_blocks", "single_blocks", "single_transformer_blocks", "guidance_embedder", "guidance_in",
-                "x_embedder", "img_attn", "txt_attn")
+                "img_attn", "txt_attn")
 _SD3_TOKENS = ("joint_blocks", "context_block", "x_block", "pos_embed")
 _MMDIT_TOKENS = ("transformer_blocks", "add_q_proj", "ff_context", "context_embedder")
 _CONTEXT_DIM_ARCH = {768: "sd15", 1024: "sd2", 2048: "sdxl"}
@@ -312,10 +313,12 @@ _CONTEXT_DIM_ARCH = {768: "sd15", 1024: "sd2", 2048: "sdxl"}
 def guess_base_arch(parsed: ParsedLora):
     """'sd15' | 'sd2' | 'sdxl' | 'sd3' | 'flux' | 'mmdit' (SD3 or FLUX, names alone cannot tell) | None."""
     flat = [m.name.replace(".", "_") for m in parsed.modules]
-    if any(tok in n for n in flat for tok in _FLUX_TOKENS):
-        return "flux"
     if any(tok in n for n in flat for tok in _SD3_TOKENS):
         return "sd3"
+    if any(tok in n for n in flat for tok in _FLUX_TOKENS):
+        return "flux"
+    if any("x_embedder" in n and "x_embedder_proj" not in n for n in flat):  # FLUX's Linear; SD3's is a conv .proj
+        return "flux"
     is_unet = any(tok in n for n in flat for tok in ("down_blocks", "up_blocks", "input_blocks", "output_blocks",
                                                       "middle_block", "mid_block", "lora_unet_"))
     if not is_unet and any(tok in n for n in flat for tok in _MMDIT_TOKENS):

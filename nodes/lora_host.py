@@ -98,7 +98,9 @@ class LoadReport:
 
 
 def _weight_shape(state_shapes: dict, target):
-    key, offset = (target, None) if isinstance(target, str) else target
+    # key-map values: "key", (key, (dim, start, length)) for a slice of a fused weight, or (key, offset, fn)
+    # where fn reorders the delta (diffusers' swapped scale/shift halves)
+    key, offset = (target, None) if isinstance(target, str) else (target[0], target[1])
     shape = state_shapes.get(key)
     if shape is None or offset is None:
         return key, shape

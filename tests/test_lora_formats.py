@@ -108,6 +108,8 @@ def test_aliases_cover_processor_and_peft_wrappers():
     (["diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_v"], 1024, "sd2"),
     (["lora_te2_text_model_encoder_layers_0_self_attn_q_proj"], 1280, "sdxl"),
     (["lora_unet_joint_blocks_0_x_block_attn_qkv"], 64, "sd3"),
+    (["diffusion_model.x_embedder.proj", "diffusion_model.joint_blocks.0.x_block.mlp.fc1"], 64, "sd3"),
+    (["transformer.x_embedder", "transformer.transformer_blocks.0.attn.to_q"], 64, "flux"),
     (["transformer.single_transformer_blocks.0.proj_out"], 64, "flux"),
     (["lora_unet_double_blocks_0_img_attn_qkv"], 64, "flux"),
     (["transformer.transformer_blocks.0.attn.add_q_proj"], 64, "mmdit"),

@@ -149,3 +149,53 @@ def conds(tiny_models, run_node):
     (positive,) = run_node("CLIPTextEncode", clip=tiny_models.clip, text="a red fox standing in fresh snow, photograph")
     (negative,) = run_node("CLIPTextEncode", clip=tiny_models.clip, text="blurry, low quality")
     return positive, negative
+
+
+@pytest.fixture(scope="session")
+def arch_models(comfy_host, tiny_models):
+    """arch_models(arch) -> (ModelPatcher, CLIP or None) of the tiny model of 'sd15' | 'sdxl' | 'sd3' | 'flux'.
+
+    SD1.5 and SDXL are full checkpoints (UNet + text encoders); SD3 and FLUX are diffusion-model-only files
+    (LoRAs for them patch the transformer; their text encoders are the stock T5/CLIP ones).
+    """
+    loaded = {"sd15": (tiny_models.model, tiny_models.clip)}
+
+    def get(arch):
+        if arch not in loaded:
+            import comfy.sd
+            from support import tiny_models as builders
+
+            if arch == "sdxl":
+                model, clip = comfy.sd.load_checkpoint_guess_config(
+                    str(builders.cached_tiny_sdxl()), output_vae=False, output_clip=True)[:2]
+                loaded[arch] = (model, clip)
+            elif arch == "sd3":
+                loaded[arch] = (comfy.sd.load_diffusion_model(str(builders.cached_tiny_sd3())), None)
+            elif arch == "flux":
+                loaded[arch] = (comfy.sd.load_diffusion_model(str(builders.cached_tiny_flux())), None)
+            else:
+                raise KeyError(arch)
+        return loaded[arch]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def core_coverage(arch_models):
+    """core_coverage(arch, fmt) -> (layers core's own LoRA loading patches, layers in the file)."""
+    from support.lora_files import lora_layers, make_lora, target_id
+
+    def count(arch, fmt):
+        import comfy.lora
+        import comfy.lora_convert
+
+        model, clip = arch_models(arch)
+        tensors, metadata, expected = make_lora(lora_layers(model, clip), fmt, seed=11, single_te=(arch == "sd15"))
+        key_map = comfy.lora.model_lora_keys_unet(model.model, {})
+        if clip is not None:
+            comfy.lora.model_lora_keys_clip(clip.cond_stage_model, key_map)
+        loaded = comfy.lora.load_lora(comfy.lora_convert.convert_lora(tensors), key_map, log_missing=False)
+        applied = {target_id(t) for t in loaded}
+        return len(applied & set(expected)), len(expected)
+
+    return count

@@ -19,41 +19,55 @@ CLIP_TARGETS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "sel
 @dataclass
 class Layer:
     component: str          # "unet" | "transformer" | "te1" | "te2"
-    target: object          # model weight key, or (key, (dim, start, length)) for a slice
+    target: object          # target_id(): weight key, or (key, (dim, start, length) | None, function name | None)
     shape: tuple            # shape of the (sliced) weight
     names: dict             # naming scheme -> module name in that scheme (no prefix/suffix)
+
+
+def target_id(target):
+    """A comparable id for a key-map value: "key", (key, offset), or (key, offset, fn) as ComfyUI writes them."""
+    if isinstance(target, str):
+        return target
+    key, offset = target[0], (tuple(target[1]) if target[1] is not None else None)
+    fn = target[2].__name__ if len(target) > 2 and target[2] is not None else None
+    return (key, offset, fn)
 
 
 def _unet_layers(model):
     import comfy.utils
 
     sd = model.model.state_dict()
-    out = []
+    out, seen = [], set()
     for diffusers_key, ldm_key in comfy.utils.unet_to_diffusers(model.model.model_config.unet_config).items():
         key = "diffusion_model." + ldm_key
-        if not diffusers_key.endswith(".weight") or key not in sd or sd[key].ndim < 2:
-            continue
+        if not diffusers_key.endswith(".weight") or key not in sd or sd[key].ndim < 2 or key in seen:
+            continue  # label_emb has two diffusers names (add_embedding, class_embedding): one LoRA layer
+        seen.add(key)
         name = diffusers_key[: -len(".weight")]
         out.append(Layer("unet", key, tuple(sd[key].shape), {"diffusers": name, "ldm": ldm_key[: -len(".weight")]}))
     return out
 
 
 def _dit_layers(model, table):
+    """Diffusers-named layers (some are slices of fused weights, or carry a scale/shift swap) and, separately,
+    every LDM weight under its own name: the two naming families cover the transformer differently."""
     sd = model.model.state_dict()
     out = []
     for diffusers_key, target in table.items():
         if not diffusers_key.endswith(".weight"):
             continue
-        key, offset = (target, None) if isinstance(target, str) else target
+        tid = target_id(target)
+        key = tid if isinstance(tid, str) else tid[0]
         if key not in sd or sd[key].ndim < 2:
             continue
         shape = list(sd[key].shape)
-        if offset is not None:
-            shape[offset[0]] = offset[2]
-        names = {"diffusers": diffusers_key[: -len(".weight")]}
-        if offset is None:
-            names["ldm"] = key[len("diffusion_model."): -len(".weight")]
-        out.append(Layer("transformer", target if offset is None else (key, tuple(offset)), tuple(shape), names))
+        if not isinstance(tid, str) and tid[1] is not None:
+            shape[tid[1][0]] = tid[1][2]
+        out.append(Layer("transformer", tid, tuple(shape), {"diffusers": diffusers_key[: -len(".weight")]}))
+    for key, value in sd.items():
+        if key.startswith("diffusion_model.") and key.endswith(".weight") and value.ndim >= 2:
+            name = key[len("diffusion_model."): -len(".weight")]
+            out.append(Layer("transformer", key, tuple(value.shape), {"ldm": name}))
     return out
 
 
@@ -118,7 +132,7 @@ def module_name(layer: Layer, fmt: str, single_te: bool):
         if fmt in ("peft", "peft-noprefix", "diffusers-lora.down", "lora_linear_layer", "peft-default"):
             return _TE_DIFFUSERS[layer.component] + clip
         return None
-    diffusers, ldm = layer.names["diffusers"], layer.names.get("ldm")
+    diffusers, ldm = layer.names.get("diffusers"), layer.names.get("ldm")
     if layer.component == "unet":
         return {
             "kohya": "lora_unet_" + diffusers.replace(".", "_"),
@@ -132,9 +146,11 @@ def module_name(layer: Layer, fmt: str, single_te: bool):
             "lora_linear_layer": "unet." + diffusers,
             "attn-processor": _processor_name(diffusers),
         }.get(fmt)
-    return {  # SD3 / FLUX transformer
-        "kohya": None if ldm is None else "lora_unet_" + ldm.replace(".", "_"),
-        "ldm": None if ldm is None else "diffusion_model." + ldm,
+    if fmt in ("kohya", "ldm"):  # SD3 / FLUX transformer under its LDM names
+        return None if ldm is None else ("lora_unet_" + ldm.replace(".", "_") if fmt == "kohya" else "diffusion_model." + ldm)
+    if diffusers is None:
+        return None
+    return {  # ... and under diffusers names
         "peft": "transformer." + diffusers,
         "peft-default": "transformer." + diffusers,
         "peft-base_model": "base_model.model." + diffusers,
@@ -151,7 +167,9 @@ def _processor_name(diffusers: str):
 
 
 def make_lora(layers, fmt, seed=0, rank=4, alpha=2.0, single_te=False, dtype=torch.float32):
-    """(state dict, safetensors metadata, {target: delta}) for `fmt`; delta = scale * up @ down in float64."""
+    """(state dict, safetensors metadata, {target_id: (up, down, scale)}) for `fmt`.
+
+    The loader must add scale * up @ down (see expected_delta) to each target."""
     spec = FORMATS[fmt]
     down_suffix, up_suffix = spec["suffix"]
     gen = torch.Generator().manual_seed(seed)
@@ -177,8 +195,7 @@ def make_lora(layers, fmt, seed=0, rank=4, alpha=2.0, single_te=False, dtype=tor
                 scale = alpha * 2 / rank
         tensors[name + down_suffix] = down.contiguous()
         tensors[name + up_suffix] = up.contiguous()
-        delta = up.double().flatten(1) @ down.double().flatten(1)
-        expected[layer.target] = (scale * delta).reshape(layer.shape)
+        expected[layer.target] = (up, down, scale)
     metadata = {"format": "pt"}
     if spec["scale"] == "peft":
         config = {}
@@ -192,6 +209,16 @@ def make_lora(layers, fmt, seed=0, rank=4, alpha=2.0, single_te=False, dtype=tor
                       "alpha_pattern": {p.split("|", 1)[1]: v for p, v in peft_alpha_pattern.items()}}
         metadata["lora_adapter_metadata"] = json.dumps(config)
     return tensors, metadata, expected
+
+
+def expected_delta(target, up, down, scale, shape, dtype=torch.float64):
+    """scale * up @ down, in the layout of the weight (diffusers' norm_out/adaLN halves swapped back)."""
+    delta = scale * (up.to(dtype).flatten(1) @ down.to(dtype).flatten(1)).reshape(shape)
+    if not isinstance(target, str) and target[2] is not None:
+        assert target[2] == "swap_scale_shift", target
+        first, second = delta.chunk(2, dim=0)
+        delta = torch.cat([second, first], dim=0)
+    return delta
 
 
 def _module_names(tensors, down_suffix):
