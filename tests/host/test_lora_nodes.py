@@ -226,3 +226,53 @@ def test_preset_to_ksampler_notes_what_ksampler_cannot_do(run_node):
     assert unified, "the table has a TCD preset with γ ≠ 0.3 (Hyper-SD unified 1-step)"
     *_, note = run_node("FewStepPresetToKSampler", preset=unified[0])
     assert "γ 0.3" in note and "Fast Sampler" in note
+
+
+# ---------------------------------------------------------------- Hyper-SDXL 1-step UNet, SDXL refusals
+
+@pytest.fixture(scope="module")
+def sdxl_files(comfy_host, tmp_path_factory):
+    """The tiny SDXL UNet-only file under models/diffusion_models and the full checkpoint under models/checkpoints,
+    with the official 1-step UNet's name (as a user's download would be named)."""
+    from support.tiny_models import cached_tiny_sdxl, cached_tiny_sdxl_unet
+
+    fp = comfy_host.folder_paths
+    unets, ckpts = tmp_path_factory.mktemp("diffusion_models"), tmp_path_factory.mktemp("checkpoints_xl")
+    (unets / "Hyper-SDXL-1step-Unet-Comfyui.fp16.safetensors").symlink_to(cached_tiny_sdxl_unet())
+    (ckpts / "hyper_sdxl_1step_full.safetensors").symlink_to(cached_tiny_sdxl())
+    fp.add_model_folder_path("diffusion_models", str(unets))
+    fp.add_model_folder_path("checkpoints", str(ckpts))
+    refresh(comfy_host)
+    yield
+    fp.folder_names_and_paths["diffusion_models"][0].remove(str(unets))
+    fp.folder_names_and_paths["checkpoints"][0].remove(str(ckpts))
+    refresh(comfy_host)
+
+
+@pytest.mark.parametrize("name", ["diffusion_models/Hyper-SDXL-1step-Unet-Comfyui.fp16.safetensors",
+                                  "checkpoints/hyper_sdxl_1step_full.safetensors"])
+def test_one_step_unet_loads_with_its_preset(name, sdxl_files, run_node, arch_models):
+    import comfy.model_base
+
+    model, preset, summary = run_node("FewStepHyperSD1StepUNetLoader", unet_name=name)
+    assert isinstance(model.model, comfy.model_base.SDXL)
+    assert (preset.scheduler, preset.steps, preset.cfg) == ("hyper_sd_1step", 1, 1.0)
+    # the same UNet weights as the tiny SDXL checkpoint's (one seed, two layouts)
+    reference = arch_models("sdxl")[0].model.state_dict()
+    loaded = model.model.state_dict()
+    key = "diffusion_model.input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight"
+    assert torch.equal(loaded[key].float(), reference[key].float())
+    assert "SDXL UNet loaded" in summary
+
+
+def test_one_step_unet_loader_refuses_other_architectures(sdxl_files, run_node):
+    with pytest.raises(ValueError, match=r"SD1\.5 model, but the Hyper-SD 1-step UNet is SDXL"):
+        run_node("FewStepHyperSD1StepUNetLoader", unet_name="checkpoints/" + "fewstep_tiny_sd15.safetensors")
+
+
+def test_sd15_lora_on_sdxl_is_refused(sd15_lora, run_node, arch_models):
+    model, clip = arch_models("sdxl")
+    name = sd15_lora("pcm_sd15_smallcfg_4step_converted.safetensors")
+    with pytest.raises(ValueError, match=r"LoRA for SD1\.5, but the model is SDXL"):
+        run_node("FewStepLoraLoader", model=model, clip=clip, lora_name=name, strength_model=1.0, strength_clip=1.0,
+                 use_recommended_strength=True)
