@@ -200,3 +200,14 @@ def test_not_safetensors_extension(tmp_path):
     path.write_text("hello")
     with pytest.raises(LoraFileError, match="only .safetensors"):
         read_lora_file(str(path))
+
+
+def test_peft_patterns_match_on_dotted_suffixes_like_peft():
+    """PEFT applies a pattern to every module whose path ends with it on a dot boundary."""
+    sd = {**pair("transformer.proj_out", "peft", rank=4), **pair("transformer.single_transformer_blocks.0.proj_out",
+                                                                   "peft", rank=4, seed=1),
+          **pair("transformer.x_proj_out", "peft", rank=4, seed=2)}
+    config = {"transformer.r": 4, "transformer.lora_alpha": 4, "transformer.alpha_pattern": {"proj_out": 8}}
+    scales = {m.name: m.scale for m in parse_lora(sd, {"lora_adapter_metadata": json.dumps(config)}).modules}
+    assert scales == {"transformer.proj_out": 2.0, "transformer.single_transformer_blocks.0.proj_out": 2.0,
+                      "transformer.x_proj_out": 1.0}

@@ -104,17 +104,21 @@ def test_core_coverage_of_the_same_file(arch, fmt, arch_models, core_coverage):
 
 
 def test_real_patch_model_matches_calculate_weight(arch_models):
-    """The full path sampling takes (patch_model on the weights) gives the same weights as the check above."""
-    model, clip = arch_models("sd15")
+    """The path sampling takes (load_models_gpu patches the weights in place) gives the weights checked above,
+    and unloading restores the originals."""
+    import comfy.model_management as mm
+
+    model, _ = arch_models("sd15")
     layers = lora_layers(model, None)
     tensors, metadata, expected = make_lora(layers, "peft", seed=5)
     new_model, _, _ = apply_lora(parse_lora(tensors, metadata), "x", model, None, 1.0, 1.0)
+    mm.unload_all_models()  # earlier tests may have left another patcher's weights in place
     before = {k: v.detach().double().clone() for k, v in model.model.state_dict().items()}
-    new_model.patch_model()
+    mm.load_models_gpu([new_model], force_full_load=True)
     try:
         after = {k: v.detach().double().clone() for k, v in new_model.model.state_dict().items()}
     finally:
-        new_model.unpatch_model()
+        mm.unload_all_models()
     for key, w in before.items():
         if key in expected:
             want = w + expected_delta(key, *expected[key], tuple(w.shape))  # float64: this model is small

@@ -53,7 +53,7 @@ def _dit_layers(model, table):
     every LDM weight under its own name: the two naming families cover the transformer differently."""
     sd = model.model.state_dict()
     out = []
-    for diffusers_key, target in table.items():
+    for diffusers_key, target in sorted(table.items(), key=lambda item: item[0]):  # ComfyUI builds parts from sets
         if not diffusers_key.endswith(".weight"):
             continue
         tid = target_id(target)
@@ -174,6 +174,7 @@ def make_lora(layers, fmt, seed=0, rank=4, alpha=2.0, single_te=False, dtype=tor
     down_suffix, up_suffix = spec["suffix"]
     gen = torch.Generator().manual_seed(seed)
     tensors, expected, peft_alpha_pattern = {}, {}, {}
+    all_paths = [_peft_module_path(n).split("|", 1)[1] for n in (module_name(l, fmt, single_te) for l in layers) if n]
     for i, layer in enumerate(layers):
         name = module_name(layer, fmt, single_te)
         if name is None:
@@ -189,8 +190,11 @@ def make_lora(layers, fmt, seed=0, rank=4, alpha=2.0, single_te=False, dtype=tor
             scale = a / rank
         elif spec["scale"] == "peft":
             scale = alpha / rank
-            if i % 7 == 3:  # an alpha_pattern entry for this module
-                path = _peft_module_path(name)
+            path = _peft_module_path(name)
+            # an alpha_pattern entry for some modules; PEFT matches a pattern against the end of every module path,
+            # so only paths that are no other module's dotted suffix (FLUX "proj_out" is) make single-module patterns
+            if i % 7 == 3 and not any(p != path.split("|", 1)[1] and p.endswith("." + path.split("|", 1)[1])
+                                      for p in all_paths):
                 peft_alpha_pattern[path] = alpha * 2
                 scale = alpha * 2 / rank
         tensors[name + down_suffix] = down.contiguous()
