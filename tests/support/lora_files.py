@@ -261,12 +261,9 @@ DEMO_STAMP_KEY = "fewstep.test_lora"
 def write_demo_lora(path, checkpoint, seed, rank=8):
     """A kohya-format LoRA (LDM names, .alpha) for every UNet and text-encoder matrix of an SD1.5-layout
     checkpoint, read from the checkpoint's own shapes (no ComfyUI needed); written atomically, reused."""
-    import os
     import pathlib
-    import tempfile
 
     from safetensors import safe_open
-    from safetensors.torch import save_file
 
     path = pathlib.Path(path)
     stamp = f"v1-seed{seed}-rank{rank}-{pathlib.Path(checkpoint).name}"
@@ -293,17 +290,9 @@ def write_demo_lora(path, checkpoint, seed, rank=8):
             tensors[name + ".lora_down.weight"] = down.to(torch.float16)
             tensors[name + ".lora_up.weight"] = up.to(torch.float16)
             tensors[name + ".alpha"] = torch.tensor(float(rank))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".part", dir=str(path.parent))
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={DEMO_STAMP_KEY: stamp, "format": "pt"})
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        pathlib.Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    from support.tiny_checkpoint import save_atomic
+
+    return save_atomic(tensors, path, {DEMO_STAMP_KEY: stamp, "format": "pt"})
 
 
 def cached_demo_loras(checkpoint):

@@ -157,7 +157,6 @@ def _read_stamp(path: pathlib.Path):
 def write_tiny_sd15(path, seed: int = 0) -> pathlib.Path:
     """Write (or reuse) the tiny SD1.5 checkpoint at ``path`` for ``seed``; returns the path."""
     import torch
-    from safetensors.torch import save_file
 
     path = pathlib.Path(path)
     if path.is_file() and _read_stamp(path) == _stamp(seed):
@@ -175,6 +174,14 @@ def write_tiny_sd15(path, seed: int = 0) -> pathlib.Path:
 
     metadata = {STAMP_KEY: _stamp(seed), "format": "pt",
                 "description": "random-weight SD1.5-architecture test checkpoint (fewstep tests)"}
+    return save_atomic(tensors, path, metadata)
+
+
+def save_atomic(tensors, path, metadata) -> pathlib.Path:
+    """save_file to a temp file beside `path`, then rename: readers never see a half-written file."""
+    from safetensors.torch import save_file
+
+    path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-" + path.name + "-", suffix=".part", dir=str(path.parent))
     os.close(fd)

@@ -92,16 +92,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import pathlib
 import sys
-import tempfile
 
 if __package__:
-    from .tiny_checkpoint import _REPO_ROOT, _import_comfy, _meta_shapes
+    from .tiny_checkpoint import _REPO_ROOT, _import_comfy, _meta_shapes, save_atomic
 else:  # run as a script
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-    from support.tiny_checkpoint import _REPO_ROOT, _import_comfy, _meta_shapes
+    from support.tiny_checkpoint import _REPO_ROOT, _import_comfy, _meta_shapes, save_atomic
 
 FORMAT_VERSION = "1"
 
@@ -263,27 +261,6 @@ def _clip_g_openclip_shapes():
     return out
 
 
-def _save_atomic(tensors, path: pathlib.Path, metadata) -> pathlib.Path:
-    from safetensors.torch import save_file
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-" + path.name + "-", suffix=".part", dir=str(path.parent))
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    return path
-
-
 def _stamp_in(path: pathlib.Path, stamp_key: str):
     try:
         from safetensors import safe_open
@@ -301,7 +278,7 @@ def _write(path, seed, stamp_key, description, config, build):
         return path
     metadata = {stamp_key: _stamp(seed), "format": "pt", "description": description,
                 "fewstep.config": json.dumps(config, sort_keys=True)}
-    return _save_atomic(build(), path, metadata)
+    return save_atomic(build(), path, metadata)
 
 
 def _cache_path(stem: str, seed: int, cache_dir) -> pathlib.Path:
