@@ -191,16 +191,20 @@ def _key_format(module_name: str, down_suffix: str) -> str:
     return "generic-lora_down"
 
 
-def peft_config_for(metadata: dict, module_name: str):
-    """diffusers' adapter config (dict) for the component this module belongs to, or None."""
+def peft_adapter_config(metadata: dict):
+    """diffusers' adapter config from the file's metadata (parsed once per file), or None."""
     raw = metadata.get(PEFT_METADATA_KEY)
     if not raw:
         return None
     try:
-        config = json.loads(raw) if isinstance(raw, str) else dict(raw)
+        return json.loads(raw) if isinstance(raw, str) else dict(raw)
     except json.JSONDecodeError:
         return None
-    if "lora_alpha" in config or "r" in config:
+
+
+def peft_config_for(config, module_name: str):
+    """The part of the adapter config that applies to this module's component, or None."""
+    if config is None or "lora_alpha" in config or "r" in config:
         return config
     # Pipeline-level saves prefix each component's entries: "unet.lora_alpha", "text_encoder_2.r", ...
     component = module_name.split(".", 1)[0]
@@ -233,6 +237,8 @@ def _peft_scale(config: dict, module_name: str, rank: int) -> float:
 def parse_lora(tensors: dict, metadata: dict | None = None) -> ParsedLora:
     """Group a LoRA state dict into modules with their scale; everything else is listed in `unused`."""
     metadata = dict(metadata or {})
+    adapter_config = peft_adapter_config(metadata)
+    component_configs = {}  # component -> its slice of adapter_config
     halves, formats, used = {}, set(), set()
     for key in tensors:
         split = _split_pair_key(key)
@@ -258,7 +264,10 @@ def parse_lora(tensors: dict, metadata: dict | None = None) -> ParsedLora:
         if mid is not None:
             keys.append(module_name + MID_SUFFIX)
         alpha_key = module_name + ALPHA_SUFFIX
-        config = peft_config_for(metadata, module_name)
+        component = module_name.split(".", 1)[0]
+        if component not in component_configs:
+            component_configs[component] = peft_config_for(adapter_config, module_name)
+        config = component_configs[component]
         if alpha_key in tensors:
             keys.append(alpha_key)
             scale, rule = float(tensors[alpha_key].float().item()) / rank, "alpha key"

@@ -8,7 +8,7 @@ sampling applies them exactly as core LoraLoader would.
 from __future__ import annotations
 
 import logging
-import os
+import math
 from dataclasses import dataclass, field
 
 import comfy.lora
@@ -85,7 +85,6 @@ class LoadReport:
     clip_layers: int = 0
     no_clip_layers: list = field(default_factory=list)  # text-encoder layers skipped because no CLIP was given
     missed: list = field(default_factory=list)  # file keys that patch nothing, by name
-    scale_rules: tuple = ()
 
     def line(self) -> str:
         rank = "/".join(str(r) for r in self.ranks[:3]) + ("…" if len(self.ranks) > 3 else "")
@@ -113,13 +112,6 @@ def _shapes(module) -> dict:
     return {k: tuple(v.shape) for k, v in module.state_dict().items()}
 
 
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= int(d)
-    return n
-
-
 def build_patches(parsed, file_name: str, model=None, clip=None):
     """(model patches, clip patches, LoadReport). Raises LoraFileError for a LoRA of another architecture."""
     target_arch = model_arch(model) if model is not None else (clip_arch(clip) if clip is not None else None)
@@ -134,8 +126,7 @@ def build_patches(parsed, file_name: str, model=None, clip=None):
     te_only_map = {} if clip is not None else _text_encoder_names(parsed)
 
     report = LoadReport(file_name, parsed.key_formats, parsed.base_arch, target_arch, parsed.ranks,
-                        missed=list(parsed.unused),
-                        scale_rules=tuple(sorted({m.scale_rule for m in parsed.modules})))
+                        missed=list(parsed.unused))
     model_patches, clip_patches, misfits = {}, {}, []
     for module in parsed.modules:
         target = next((key_map[a] for a in module_aliases(module.name) if a in key_map), None)
@@ -151,7 +142,7 @@ def build_patches(parsed, file_name: str, model=None, clip=None):
             key, shape = _weight_shape(clip_shapes, target)
             patches = clip_patches
         delta = module.delta_shape()
-        if shape is None or delta[0] != shape[0] or _numel(delta) != _numel(shape):
+        if shape is None or delta[0] != shape[0] or math.prod(delta) != math.prod(shape):
             misfits.append(f"{module.name} {tuple(delta)} vs {key} {shape}")
             continue
         alpha = None if module.scale_rule == "none" else module.scale * module.rank
@@ -200,6 +191,3 @@ def _check_all_added(patches, added, file_name):
     if lost:  # would mean our shape/key bookkeeping disagrees with the patcher's: never pass it off as loaded
         raise RuntimeError(f"fewstep: {file_name}: the model refused {len(lost)} patches (first {lost[0]}); please report this.")
 
-
-def file_name_of(path: str) -> str:
-    return os.path.basename(path)
