@@ -23,24 +23,13 @@ CHECKPOINT_NAME = "fewstep_tiny_sd15.safetensors"
 
 if str(REPO_ROOT / "tests") not in sys.path:
     sys.path.insert(0, str(REPO_ROOT / "tests"))
+from support.log_capture import captured_log  # noqa: E402
 from support.tiny_checkpoint import cached_tiny_sd15  # noqa: E402
 
 
 def _comfyui_path() -> pathlib.Path:
     env = os.environ.get("COMFYUI_PATH")
     return pathlib.Path(env).expanduser().resolve() if env else REPO_ROOT / ".comfyui"
-
-
-class _LogCollector(logging.Handler):
-    def __init__(self):
-        super().__init__(level=logging.DEBUG)
-        self.records = []
-
-    def emit(self, record):
-        self.records.append(record)
-
-    def messages(self, min_level=logging.DEBUG):
-        return [r.getMessage() for r in self.records if r.levelno >= min_level]
 
 
 @pytest.fixture(scope="session")
@@ -72,12 +61,8 @@ def comfy_host(tmp_path_factory):
     comfy.cli_args.args.base_directory = str(base)
     comfy.cli_args.args.disable_api_nodes = True
 
-    collector = _LogCollector()
-    root_logger = logging.getLogger()
-    old_level = root_logger.level
-    root_logger.addHandler(collector)
-    root_logger.setLevel(logging.INFO)  # start-up problems (IMPORT FAILED, ...) are logged at WARNING
-    try:
+    # start-up problems (IMPORT FAILED, ...) are logged at WARNING
+    with captured_log(logging.INFO) as collector:
         import folder_paths
 
         if pathlib.Path(folder_paths.base_path).resolve() != base.resolve():
@@ -98,9 +83,6 @@ def comfy_host(tmp_path_factory):
         comfy.utils.set_progress_bar_enabled(False)
         if "FewStepPCMScheduler" not in nodes.NODE_CLASS_MAPPINGS:
             asyncio.run(nodes.init_extra_nodes(init_custom_nodes=True, init_api_nodes=False))
-    finally:
-        root_logger.removeHandler(collector)
-        root_logger.setLevel(old_level)
 
     import execution
 
@@ -130,16 +112,8 @@ def run_node(comfy_host):
 @pytest.fixture(scope="session")
 def tiny_models(comfy_host, run_node):
     """(model, clip, vae, load_log) from CheckpointLoaderSimple on the tiny checkpoint."""
-    collector = _LogCollector()
-    root_logger = logging.getLogger()
-    old_level = root_logger.level
-    root_logger.addHandler(collector)
-    root_logger.setLevel(logging.DEBUG)
-    try:
+    with captured_log() as collector:
         model, clip, vae = run_node("CheckpointLoaderSimple", ckpt_name=comfy_host.checkpoint)
-    finally:
-        root_logger.removeHandler(collector)
-        root_logger.setLevel(old_level)
     return types.SimpleNamespace(model=model, clip=clip, vae=vae, load_log=collector)
 
 

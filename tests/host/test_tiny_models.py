@@ -8,7 +8,6 @@ missing, unexpected or left over, and one forward pass of the diffusion model on
 from __future__ import annotations
 
 import ast
-import contextlib
 import gc
 import logging
 import os
@@ -17,6 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from support.log_capture import captured_log
 from support.tiny_models import (SD3_DIT_CONFIG, SDXL_UNET_CONFIG, TAESD_XL_SCALE, cached_tiny_flux, cached_tiny_sd3,
                                  cached_tiny_sdxl, cached_tiny_sdxl_unet, write_tiny_sd3)
 
@@ -29,36 +29,10 @@ SDXL_UNREACHABLE_CLIP_KEYS = {"clip_l.logit_scale", "clip_l.transformer.text_pro
 PATCHER_PREFIXES = ("diffusion_model.", "model_sampling.", "noise_augmentor.")
 
 
-class _Records(logging.Handler):
-    def __init__(self):
-        super().__init__(level=logging.DEBUG)
-        self.records = []
-
-    def emit(self, record):
-        self.records.append(record)
-
-    def key_complaints(self):
-        """(level, message) of every record that reports missing / unexpected / left-over keys."""
-        out = []
-        for r in self.records:
-            msg = r.getMessage()
-            if any(w in msg.lower() for w in KEY_COMPLAINTS):
-                out.append((r.levelno, msg))
-        return out
-
-
-@contextlib.contextmanager
-def captured_log():
-    handler = _Records()
-    root = logging.getLogger()
-    old_level = root.level
-    root.addHandler(handler)
-    root.setLevel(logging.DEBUG)
-    try:
-        yield handler
-    finally:
-        root.removeHandler(handler)
-        root.setLevel(old_level)
+def key_complaints(log):
+    """(level, message) of every record that reports missing / unexpected / left-over keys."""
+    return [(r.levelno, r.getMessage()) for r in log.records
+            if any(w in r.getMessage().lower() for w in KEY_COMPLAINTS)]
 
 
 @pytest.fixture
@@ -102,7 +76,7 @@ def test_tiny_sdxl_checkpoint_loads_as_sdxl(comfy_sd):
               "num_res_blocks", "context_dim", "adm_in_channels"):
         assert unet_config[k] == SDXL_UNET_CONFIG[k], k
 
-    complaints = log.key_complaints()
+    complaints = key_complaints(log)
     assert [m for lvl, m in complaints if lvl >= logging.INFO] == []
     reported = set()
     for _, msg in complaints:
@@ -148,7 +122,7 @@ def test_tiny_sdxl_unet_file_loads_as_sdxl(comfy_sd):
         model = comfy_sd.load_diffusion_model(str(path))
     assert type(model.model.model_config) is comfy.supported_models.SDXL
     assert type(model.model) is comfy.model_base.SDXL
-    assert log.key_complaints() == []
+    assert key_complaints(log) == []
 
     # Same seed, same UNet as the checkpoint's.
     with safe_open(str(path), framework="pt") as unet_file, safe_open(str(cached_tiny_sdxl(0)), framework="pt") as ckpt:
@@ -171,7 +145,7 @@ def test_tiny_sd3_loads_as_sd3(comfy_sd, tmp_path):
         model = comfy_sd.load_diffusion_model(str(path))
     assert type(model.model.model_config) is comfy.supported_models.SD3
     assert type(model.model) is comfy.model_base.SD3
-    assert log.key_complaints() == []
+    assert key_complaints(log) == []
     assert model.model.diffusion_model.hidden_size == 64 * SD3_DIT_CONFIG["depth"]
     keys = list(model.model_state_dict())
     assert all(k.startswith(PATCHER_PREFIXES) for k in keys)
@@ -205,7 +179,7 @@ def test_tiny_flux_loads_as_flux_dev(comfy_sd):
     assert type(model.model.model_config) is comfy.supported_models.Flux
     assert type(model.model) is comfy.model_base.Flux
     assert model.model.model_config.unet_config["guidance_embed"] is True
-    assert log.key_complaints() == []
+    assert key_complaints(log) == []
     keys = list(model.model_state_dict())
     assert all(k.startswith(PATCHER_PREFIXES) for k in keys)
     for k in ("diffusion_model.double_blocks.0.img_attn.qkv.weight", "diffusion_model.single_blocks.0.linear1.weight",
