@@ -1,4 +1,14 @@
-"""Phased consistency distillation (pure torch; no ComfyUI import). Work in progress: the training loss."""
+"""Phased consistency distillation of a LoRA (pure torch; no ComfyUI import).
+
+- `phased_loss`: one PCM training step's loss (phase bookkeeping, CFG teacher step, stop-grad target).
+- `lora`: LoRA branches hooked onto an existing network (the teacher is the same network with them off).
+- `engine`: the training loop (`DistillConfig`, `LatentData`, `Distiller`): precision, accumulation,
+  checkpointing, NaN guard, resumable state, data parallel over torch.distributed.
+- `io`: atomic safetensors files.
+"""
+from .engine import DistillConfig, DistillDiverged, Distiller, GradientCheckpointing, LatentData
+from .lora import LoraSet, lora_targets
 from .phased_loss import PhasedTargets, pcm_loss, pseudo_huber, sample_phased_targets
 
-__all__ = ["PhasedTargets", "pcm_loss", "pseudo_huber", "sample_phased_targets"]
+__all__ = ["DistillConfig", "DistillDiverged", "Distiller", "GradientCheckpointing", "LatentData", "LoraSet",
+           "PhasedTargets", "lora_targets", "pcm_loss", "pseudo_huber", "sample_phased_targets"]

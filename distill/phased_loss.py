@@ -1,4 +1,5 @@
-"""One PCM training step's loss, in ComfyUI's σ-space (x = x0 + σ·ε), for ε/v models on a discrete VP schedule.
+"""One PCM training step's loss in ComfyUI's σ-space: ε/v models on a discrete VP schedule (x = x0 + σ·ε) and
+flow models (SD3, FLUX: x = (1 − σ)·x0 + σ·ε, where the DDIM step is exactly the Euler step of the flow ODE).
 
 Models are callables `denoise(x, sigma, cond) -> x0_hat` (ComfyUI's D). Per sample, with K DDIM timesteps and
 M phases (algorithms.md, "PCM: one training step"):
@@ -10,8 +11,9 @@ M phases (algorithms.md, "PCM: one training step"):
     tgt   = x_n if j starts its phase, else the DDIM jump of x_n to σ_e with the student's D (stop-grad)
     loss  = pseudo-Huber(pred, tgt) on VP samples (x/√(1 + σ_e²)), as the reference computes it
 
-A DDIM jump in σ-space is x' = D + σ'·(x − D)/σ. The target model is the student itself under no_grad
-(no EMA), as the reference LoRA script does.
+A DDIM jump keeps the predicted noise ε̂ and moves to σ': VP x' = D + σ'·(x − D)/σ; flow
+x' = (1 − σ')·D + σ'·ε̂ with ε̂ = (x − (1 − σ)·D)/σ. The target model is the student under no_grad (the
+reference LoRA script has no EMA; the engine can swap EMA weights in).
 """
 from dataclasses import dataclass
 
@@ -20,8 +22,15 @@ import torch
 from ..schedulers.pcm import ddim_timesteps
 
 
-def ddim_jump(x, sigma, sigma_to, denoised):
+def ddim_jump(x, sigma, sigma_to, denoised, flow=False):
+    if flow:
+        eps = (x - (1.0 - sigma) * denoised) / sigma
+        return (1.0 - sigma_to) * denoised + sigma_to * eps
     return denoised + (sigma_to / sigma) * (x - denoised)
+
+
+def noised(x0, noise, sigma, flow=False):
+    return (1.0 - sigma) * x0 + sigma * noise if flow else x0 + sigma * noise
 
 
 def pseudo_huber(a, b, c=0.001):
@@ -48,21 +57,31 @@ def sample_phased_targets(index, phases, ddim_steps, num_train_timesteps=1000):
     return PhasedTargets(t, t_next, edge, index == start)
 
 
-def pcm_loss(student, teacher, x0, noise, cond, uncond, sigmas, targets: PhasedTargets, w, huber_c=0.001):
+def teacher_step(teacher, x_t, s_t, s_n, cond, uncond, w, flow=False):
+    """The CFG-augmented teacher's DDIM (flow: Euler) step from σ_t to σ_n; uncond None = CFG solver off."""
+    shape = (-1,) + (1,) * (x_t.ndim - 1)
+    d_c = teacher(x_t, s_t.reshape(-1), cond)
+    d_guided = d_c if uncond is None else d_c + w.reshape(shape) * (d_c - teacher(x_t, s_t.reshape(-1), uncond))
+    return ddim_jump(x_t, s_t, s_n, d_guided, flow)
+
+
+def pcm_loss(student, teacher, x0, noise, cond, uncond, sigmas, targets: PhasedTargets, w, huber_c=0.001,
+             flow=False, target_model=None):
     """Per-sample pseudo-Huber loss of one phased consistency step (see the module docstring).
 
     sigmas: the model's σ table indexed by training timestep; w: per-sample guidance (ComfyUI cfg = 1 + w),
-    w = 0 and uncond = None for the "normal CFG" mode (CFG solver off).
+    w = 0 and uncond = None for the "normal CFG" mode (CFG solver off). Models get σ as a [B] tensor.
+    target_model: the stop-grad model for the target jump (default: the student under no_grad).
     """
     shape = (-1,) + (1,) * (x0.ndim - 1)
     s_t, s_n, s_e = (sigmas[i].to(x0.dtype).reshape(shape) for i in (targets.t, targets.t_next, targets.edge))
-    x_t = x0 + s_t * noise
-    pred = ddim_jump(x_t, s_t, s_e, student(x_t, s_t, cond))
-    with torch.no_grad():
-        d_c = teacher(x_t, s_t, cond)
-        d_guided = d_c if uncond is None else d_c + w.reshape(shape) * (d_c - teacher(x_t, s_t, uncond))
-        x_n = ddim_jump(x_t, s_t, s_n, d_guided)
-        target = ddim_jump(x_n, s_n, s_e, student(x_n, s_n, cond))
+    x_t = noised(x0, noise, s_t, flow)
+    with torch.no_grad():  # first, so that nothing (LoRA switch, EMA swap) changes between forward and backward
+        x_n = teacher_step(teacher, x_t, s_t, s_n, cond, uncond, w, flow)
+        target = ddim_jump(x_n, s_n, s_e, (target_model or student)(x_n, s_n.reshape(-1), cond), flow)
         target = torch.where(targets.starts_phase.reshape(shape), x_n, target)
-    to_vp = 1.0 / torch.sqrt(1.0 + s_e ** 2)
-    return pseudo_huber(pred * to_vp, target * to_vp, huber_c)
+    pred = ddim_jump(x_t, s_t, s_e, student(x_t, s_t.reshape(-1), cond), flow)
+    # The reference measures the distance on VP samples √ᾱ·x = x/√(1 + σ²); flow samples are already unit scale.
+    scale = 1.0 if flow else 1.0 / torch.sqrt(1.0 + s_e ** 2)
+    wide = torch.promote_types(pred.dtype, torch.float32)  # half-precision forwards, float32 (or wider) loss
+    return pseudo_huber(pred.to(wide) * scale, target.to(wide) * scale, huber_c)

@@ -1,0 +1,367 @@
+"""The distillation loop: phased consistency distillation of a LoRA, with callables for the model.
+
+`Distiller(config, denoise, lora, data, sigmas)` trains the LoRA branches of `lora` (a `LoraSet` hooked onto
+the network behind `denoise(x, σ[B], cond) -> D`). The teacher is the same network with the LoRA off and the
+target is the student under stop-grad (or its EMA), so the base weights exist once in memory.
+
+Every random draw (samples, grid indices, guidance w, noise, empty-prompt dropout, flips) comes from one CPU
+generator seeded by `config.seed` and is made for the whole global batch, so a run is reproducible on any
+device and a data-parallel run (torch.distributed: each rank takes its slice of the global batch, gradients are
+averaged with all_reduce) computes the same update as one process. The generator's state is part of the
+training state, so a resumed run continues exactly where an uninterrupted one would be.
+"""
+import contextlib
+import json
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.distributed as dist
+
+from .lora import LoraSet
+from .phased_loss import pcm_loss, sample_phased_targets
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+CFG_MODES = ("small", "normal")
+MAX_FP16_SKIPS = 20  # consecutive overflowing fp16 steps before the run is called diverged
+
+
+class DistillDiverged(RuntimeError):
+    """The loss or the gradients became NaN/Inf; the LoRA still holds the weights of the last good step."""
+
+
+@dataclass
+class DistillConfig:
+    phases: int = 4                 # M; 1 is the consistency-model (LCM-style) baseline
+    ddim_timesteps: int = 50        # K, the teacher's DDIM grid
+    steps: int = 1000               # optimiser steps
+    batch_size: int = 4             # global batch per micro-step (split over data-parallel ranks)
+    grad_accumulation: int = 1      # micro-steps per optimiser step
+    learning_rate: float = 1e-4
+    weight_decay: float = 1e-2
+    warmup_steps: int = 0
+    grad_clip: float = 1.0          # 0 disables clipping
+    cfg_mode: str = "small"         # "small": CFG-augmented teacher, w ~ U[w_min, w_max]; "normal": CFG solver off
+    w_min: float = 3.0              # teacher guidance range; ComfyUI cfg = 1 + w
+    w_max: float = 4.0
+    empty_prompt_prob: float = 0.1  # "normal" mode: share of samples trained on the empty prompt
+    huber_c: float = 0.001
+    precision: str = "fp32"         # autocast dtype of the forwards: fp32, bf16, or fp16 (with a gradient scaler)
+    ema_decay: float = 0.0          # 0: the target is the student itself (the reference LoRA setting)
+    hflip_prob: float = 0.0         # random horizontal flips of the latents (kornia)
+    flow: bool = False              # rectified-flow model (SD3, FLUX): Euler solver instead of DDIM
+    seed: int = 0
+    deterministic: bool = False     # torch.use_deterministic_algorithms during training
+
+    def check(self, num_samples=None, world_size=1):
+        """Raise a ValueError naming the bad setting and the fix."""
+        if self.ddim_timesteps < 1 or self.ddim_timesteps > 1000:
+            raise ValueError(f"ddim_timesteps (K) must be in 1..1000, got {self.ddim_timesteps}.")
+        if not 1 <= self.phases <= self.ddim_timesteps:
+            raise ValueError(f"phases ({self.phases}) must be between 1 and ddim_timesteps K ({self.ddim_timesteps}):"
+                             " each phase needs at least one DDIM step. Lower phases or raise K.")
+        for name in ("steps", "batch_size", "grad_accumulation"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}.")
+        if self.cfg_mode not in CFG_MODES:
+            raise ValueError(f"cfg_mode must be one of {CFG_MODES}, got {self.cfg_mode!r}.")
+        if self.cfg_mode == "small" and not 0.0 <= self.w_min <= self.w_max:
+            raise ValueError(f"need 0 ≤ w_min ≤ w_max, got w_min {self.w_min}, w_max {self.w_max}.")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {tuple(PRECISIONS)}, got {self.precision!r}.")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}.")
+        if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
+            raise ValueError(f"learning_rate must be a positive number, got {self.learning_rate}.")
+        if num_samples is not None:
+            if num_samples < 1:
+                raise ValueError("The training data is empty: connect at least one latent.")
+            if self.batch_size > num_samples:
+                raise ValueError(f"batch_size ({self.batch_size}) is larger than the data ({num_samples} latents): "
+                                 "lower batch_size or add latents.")
+        if self.batch_size % world_size:
+            raise ValueError(f"batch_size ({self.batch_size}) must be divisible by the number of processes "
+                             f"({world_size}).")
+
+    def to_json(self):
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text):
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in json.loads(text).items() if k in known})
+
+
+def _rows(cond, index):
+    if cond is None:
+        return None
+    if isinstance(cond, dict):
+        return {k: _rows(v, index) for k, v in cond.items()}
+    return cond[index] if cond.shape[0] > 1 else cond.expand(len(index), *cond.shape[1:])
+
+
+def _where_rows(mask, a, b):
+    if isinstance(a, dict):
+        return {k: _where_rows(mask, a[k], b[k]) for k in a}
+    return torch.where(mask.to(a.device).reshape((-1,) + (1,) * (a.ndim - 1)), a, b)
+
+
+def _to(cond, device):
+    if cond is None:
+        return None
+    if isinstance(cond, dict):
+        return {k: _to(v, device) for k, v in cond.items()}
+    return cond.to(device)
+
+
+class LatentData:
+    """Training latents [N, …] with their conditioning: a tensor or a dict of tensors with N rows (one per latent)
+    or 1 row (shared); `uncond` (1 or N rows) is the empty prompt, needed for small-CFG and empty-prompt dropout."""
+
+    def __init__(self, latents, cond, uncond=None):
+        self.latents = latents
+        self.cond, self.uncond = cond, uncond
+        for name, c in (("cond", cond), ("uncond", uncond)):
+            for t in (c.values() if isinstance(c, dict) else [c]) if c is not None else []:
+                if t.shape[0] not in (1, len(latents)):
+                    raise ValueError(f"{name} has {t.shape[0]} rows for {len(latents)} latents: give one row per "
+                                     "latent or a single shared one.")
+
+    def __len__(self):
+        return len(self.latents)
+
+    def batch(self, index, empty, flip):
+        x0 = self.latents[index]
+        if flip.any():
+            import kornia
+            x0 = torch.where(flip.reshape((-1,) + (1,) * (x0.ndim - 1)), kornia.geometry.transform.hflip(x0), x0)
+        cond, uncond = _rows(self.cond, index), _rows(self.uncond, index)
+        if empty.any():
+            cond = _where_rows(empty, uncond, cond)
+        return x0, cond, uncond
+
+
+@dataclass
+class Draw:
+    """Everything random about one micro-batch (global, identical on every rank)."""
+    index: torch.Tensor
+    grid_index: torch.Tensor
+    w: torch.Tensor
+    noise: torch.Tensor
+    empty: torch.Tensor
+    flip: torch.Tensor
+
+    def slice(self, start, stop):
+        return Draw(*(getattr(self, f.name)[start:stop] for f in fields(self)))
+
+
+@contextlib.contextmanager
+def deterministic_algorithms(enabled):
+    before = torch.are_deterministic_algorithms_enabled()
+    if enabled:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before)
+
+
+class GradientCheckpointing:
+    """Recompute `modules`' activations in backward instead of storing them (non-reentrant checkpoint)."""
+
+    def __init__(self, modules):
+        from torch.utils.checkpoint import checkpoint
+
+        self.patched = []
+        for module in modules:
+            forward = module.forward
+
+            def checkpointed(*args, _forward=forward, **kwargs):
+                if not torch.is_grad_enabled():
+                    return _forward(*args, **kwargs)
+                return checkpoint(_forward, *args, use_reentrant=False, **kwargs)
+            module.forward = checkpointed
+            self.patched.append(module)
+
+    def remove(self):
+        for module in self.patched:
+            del module.forward  # back to the class's forward
+        self.patched = []
+
+
+class Distiller:
+    def __init__(self, config: DistillConfig, denoise, lora: LoraSet, data: LatentData, sigmas, device=None):
+        self.world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        self.rank = dist.get_rank() if self.world_size > 1 else 0
+        config.check(len(data), self.world_size)
+        if config.cfg_mode == "small" and config.w_max > 0 and data.uncond is None:
+            raise ValueError("small-CFG distillation needs the empty-prompt conditioning (uncond) for the teacher's "
+                             "guidance; connect it, or set cfg_mode to normal, or w_min = w_max = 0.")
+        if config.cfg_mode == "normal" and config.empty_prompt_prob > 0 and data.uncond is None:
+            raise ValueError("normal-CFG distillation drops prompts to the empty prompt; connect its conditioning "
+                             "(uncond) or set empty_prompt_prob to 0.")
+        self.config, self.denoise, self.lora, self.data = config, denoise, lora, data
+        self.device = torch.device(device) if device is not None else data.latents.device
+        self.sigmas = sigmas.to(self.device, torch.float32)
+        self.params = [p for p in lora.parameters()]
+        self.optimizer = torch.optim.AdamW(self.params, lr=config.learning_rate, weight_decay=config.weight_decay)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.precision == "fp16")
+        self.ema = [p.detach().clone() for p in self.params] if config.ema_decay > 0 else None
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.step = 0
+        self.losses = []
+        self.fp16_skips = 0
+
+    # ----- one optimiser step -----
+    def draw(self):
+        c, n, g = self.config, len(self.data), self.generator
+        b = c.batch_size
+        index = torch.randperm(n, generator=g)[:b]
+        grid_index = torch.randint(0, c.ddim_timesteps, (b,), generator=g)
+        w = c.w_min + (c.w_max - c.w_min) * torch.rand(b, generator=g, dtype=torch.float64)
+        noise = torch.randn((b,) + tuple(self.data.latents.shape[1:]), generator=g)
+        empty = torch.rand(b, generator=g) < (c.empty_prompt_prob if c.cfg_mode == "normal" else 0.0)
+        flip = torch.rand(b, generator=g) < c.hflip_prob
+        return Draw(index, grid_index, w.float(), noise, empty, flip)
+
+    def student(self, x, sigma, cond):
+        return self.denoise(x, sigma, cond)
+
+    def teacher(self, x, sigma, cond):
+        with self.lora.disabled():
+            return self.denoise(x, sigma, cond)
+
+    def target(self, x, sigma, cond):
+        if self.ema is None:
+            return self.denoise(x, sigma, cond)
+        with self._ema_weights():
+            return self.denoise(x, sigma, cond)
+
+    @contextlib.contextmanager
+    def _ema_weights(self):
+        saved = [p.detach().clone() for p in self.params]
+        with torch.no_grad():
+            for p, e in zip(self.params, self.ema):
+                p.copy_(e)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, s in zip(self.params, saved):
+                    p.copy_(s)
+
+    def micro_loss(self, draw: Draw):
+        """This rank's mean loss over its slice of one global micro-batch."""
+        c = self.config
+        per_rank = c.batch_size // self.world_size
+        mine = draw.slice(self.rank * per_rank, (self.rank + 1) * per_rank)
+        x0, cond, uncond = self.data.batch(mine.index, mine.empty, mine.flip)
+        x0 = x0.to(self.device, torch.float32)
+        cond, uncond = _to(cond, self.device), _to(uncond, self.device)
+        guided = c.cfg_mode == "small" and c.w_max > 0
+        targets = sample_phased_targets(mine.grid_index, c.phases, c.ddim_timesteps, len(self.sigmas))
+        targets = type(targets)(*(t.to(self.device) for t in (targets.t, targets.t_next, targets.edge,
+                                                                  targets.starts_phase)))
+        autocast = PRECISIONS[c.precision]
+        with torch.autocast(self.device.type, dtype=autocast, enabled=autocast is not None):
+            loss = pcm_loss(self.student, self.teacher, x0, mine.noise.to(self.device), cond,
+                            uncond if guided else None, self.sigmas, targets, mine.w.to(self.device),
+                            c.huber_c, flow=c.flow, target_model=self.target)
+        return loss.float().mean()
+
+    def _all_reduce_mean(self, tensor):
+        if self.world_size > 1:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+            tensor /= self.world_size
+        return tensor
+
+    def train_step(self) -> float:
+        """One optimiser step (grad_accumulation micro-batches); returns its loss averaged over the global batch.
+
+        Raises DistillDiverged, before the optimiser touches the weights, when the loss or gradients are NaN/Inf.
+        """
+        c = self.config
+        for group in self.optimizer.param_groups:
+            group["lr"] = c.learning_rate * min(1.0, (self.step + 1) / c.warmup_steps) if c.warmup_steps else c.learning_rate
+        self.optimizer.zero_grad(set_to_none=True)
+        total = torch.zeros((), device=self.device)
+        with deterministic_algorithms(c.deterministic):
+            for _ in range(c.grad_accumulation):
+                loss = self.micro_loss(self.draw()) / c.grad_accumulation
+                self.scaler.scale(loss).backward()
+                total += loss.detach()
+        for p in self.params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            self._all_reduce_mean(p.grad)
+        total = float(self._all_reduce_mean(total))
+        if not math.isfinite(total):
+            raise DistillDiverged(f"The distillation loss became {total} at step {self.step + 1}; the LoRA keeps the "
+                                  f"weights of step {self.step}. Lower the learning rate, or use bf16/fp32 instead of "
+                                  "fp16.")
+        self.scaler.unscale_(self.optimizer)
+        norm = torch.nn.utils.clip_grad_norm_(self.params, c.grad_clip if c.grad_clip > 0 else float("inf"))
+        if not torch.isfinite(norm):
+            if c.precision != "fp16":
+                raise DistillDiverged(f"The gradients became NaN/Inf at step {self.step + 1}; the LoRA keeps the "
+                                      f"weights of step {self.step}. Lower the learning rate or the w range.")
+            self.fp16_skips += 1
+            if self.fp16_skips > MAX_FP16_SKIPS:
+                raise DistillDiverged(f"fp16 gradients overflowed {self.fp16_skips} steps in a row (step "
+                                      f"{self.step + 1}); the LoRA keeps the last good weights. Use bf16 or fp32.")
+        else:
+            self.fp16_skips = 0
+        self.scaler.step(self.optimizer)  # skips the update when fp16 gradients overflowed
+        self.scaler.update()
+        if self.ema is not None:
+            with torch.no_grad():
+                for e, p in zip(self.ema, self.params):
+                    e.lerp_(p.detach(), 1.0 - c.ema_decay)
+        self.step += 1
+        self.losses.append(total)
+        return total
+
+    # ----- resumable state: tensors + JSON metadata, no pickle -----
+    def state(self):
+        tensors = {f"param.{i}": p.detach().cpu().contiguous() for i, p in enumerate(self.params)}
+        for i, p in enumerate(self.params):
+            for name, value in self.optimizer.state.get(p, {}).items():
+                tensors[f"optim.{i}.{name}"] = torch.as_tensor(value).detach().cpu().contiguous()
+        if self.ema is not None:
+            tensors.update({f"ema.{i}": e.cpu().contiguous() for i, e in enumerate(self.ema)})
+        tensors["rng"] = self.generator.get_state()
+        tensors["losses"] = torch.tensor(self.losses, dtype=torch.float64)
+        meta = {"step": str(self.step), "config": self.config.to_json(), "fp16_skips": str(self.fp16_skips),
+                "scaler": json.dumps(self.scaler.state_dict() if self.scaler.is_enabled() else {})}
+        return tensors, meta
+
+    def load_state(self, tensors, meta):
+        saved = DistillConfig.from_json(meta["config"])
+        differs = [f.name for f in fields(DistillConfig)
+                   if f.name != "steps" and getattr(saved, f.name) != getattr(self.config, f.name)]
+        if differs:
+            raise ValueError("Cannot resume: the checkpoint was trained with other settings ("
+                             + ", ".join(f"{n} {getattr(saved, n)!r} → {getattr(self.config, n)!r}" for n in differs)
+                             + "). Use the same settings, or start a new output name.")
+        if sum(1 for k in tensors if k.startswith("param.")) != len(self.params):
+            raise ValueError("Cannot resume: the checkpoint's LoRA has a different number of layers (model or rank "
+                             "changed).")
+        with torch.no_grad():
+            for i, p in enumerate(self.params):
+                if tensors[f"param.{i}"].shape != p.shape:
+                    raise ValueError(f"Cannot resume: LoRA tensor {i} has shape {tuple(tensors[f'param.{i}'].shape)}"
+                                     f", expected {tuple(p.shape)} (rank or model changed).")
+                p.copy_(tensors[f"param.{i}"])
+                state = {k.split(".", 2)[2]: v.to(p.device) for k, v in tensors.items() if k.startswith(f"optim.{i}.")}
+                if state:
+                    state["step"] = state["step"].cpu()  # AdamW keeps its step count on the CPU
+                    self.optimizer.state[p] = state
+            if self.ema is not None:
+                self.ema = [tensors[f"ema.{i}"].to(p.device) for i, p in enumerate(self.params)]
+        self.generator.set_state(tensors["rng"])
+        self.losses = tensors["losses"].tolist()
+        self.step = int(meta["step"])
+        self.fp16_skips = int(meta.get("fp16_skips", 0))
+        scaler = json.loads(meta.get("scaler", "{}"))
+        if scaler and self.scaler.is_enabled():
+            self.scaler.load_state_dict(scaler)
