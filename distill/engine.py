@@ -18,8 +18,9 @@ from dataclasses import asdict, dataclass, fields
 import torch
 import torch.distributed as dist
 
+from .adversarial import renoise
 from .lora import LoraSet
-from .phased_loss import pcm_loss, sample_phased_targets
+from .phased_loss import ddim_jump, pcm_loss, sample_phased_targets
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 CFG_MODES = ("small", "normal")
@@ -50,11 +51,12 @@ class DistillConfig:
     ema_decay: float = 0.0          # 0: the target is the student itself (the reference LoRA setting)
     hflip_prob: float = 0.0         # random horizontal flips of the latents (kornia)
     flow: bool = False              # rectified-flow model (SD3, FLUX): Euler solver instead of DDIM
+    adversarial_weight: float = 0.0  # weight of the adversarial G loss (reference 0.1); 0 = off
     seed: int = 0
     deterministic: bool = False     # torch.use_deterministic_algorithms during training
 
-    def check(self, num_samples=None, world_size=1):
-        """Raise a ValueError naming the bad setting and the fix."""
+    def check(self, num_samples=None, world_size=1, adversarial=None):
+        """Raise a ValueError naming the bad setting and the fix; `adversarial`: whether a term was given."""
         if self.ddim_timesteps < 1 or self.ddim_timesteps > 1000:
             raise ValueError(f"ddim_timesteps (K) must be in 1..1000, got {self.ddim_timesteps}.")
         if not 1 <= self.phases <= self.ddim_timesteps:
@@ -82,6 +84,15 @@ class DistillConfig:
         if self.batch_size % world_size:
             raise ValueError(f"batch_size ({self.batch_size}) must be divisible by the number of processes "
                              f"({world_size}).")
+        if not (self.adversarial_weight >= 0 and math.isfinite(self.adversarial_weight)):
+            raise ValueError(f"adversarial_weight must be 0 (off) or positive, got {self.adversarial_weight}.")
+        if adversarial is not None and adversarial != (self.adversarial_weight > 0):
+            if adversarial:
+                raise ValueError("An adversarial term was given but adversarial_weight is 0: set adversarial_weight "
+                                 "(the reference uses 0.1) or leave the term out.")
+            raise ValueError(f"adversarial_weight is {self.adversarial_weight} but no adversarial term was given: pass "
+                             "Distiller(..., adversarial=AdversarialTerm(...)) (discriminator heads on the teacher's "
+                             "features) or set adversarial_weight to 0.")
 
     def to_json(self):
         return json.dumps(asdict(self), sort_keys=True)
@@ -150,9 +161,30 @@ class Draw:
     noise: torch.Tensor
     empty: torch.Tensor
     flip: torch.Tensor
+    adv_offset: torch.Tensor = None      # adversarial term only: t' − e, uniform in 0 .. T/M − 1
+    adv_noise_fake: torch.Tensor = None  # fresh noise carrying pred from σ_e to σ_t'
+    adv_noise_real: torch.Tensor = None  # fresh noise carrying the target from σ_e to σ_t'
 
     def slice(self, start, stop):
-        return Draw(*(getattr(self, f.name)[start:stop] for f in fields(self)))
+        values = (getattr(self, f.name) for f in fields(self))
+        return Draw(*(v if v is None else v[start:stop] for v in values))
+
+
+class _Recorded:
+    """A model callable that keeps its calls' (x, σ, output), to rebuild pred and target after pcm_loss."""
+
+    def __init__(self, model):
+        self.model, self.calls = model, []
+
+    def __call__(self, x, sigma, cond):
+        out = self.model(x, sigma, cond)
+        self.calls.append((x, sigma, out))
+        return out
+
+    def only_call(self):
+        if len(self.calls) != 1:
+            raise RuntimeError(f"pcm_loss called the model {len(self.calls)} times; the adversarial term expects one.")
+        return self.calls[0]
 
 
 @contextlib.contextmanager
@@ -167,11 +199,16 @@ def deterministic_algorithms(enabled):
 
 
 class GradientCheckpointing:
-    """Recompute `modules`' activations in backward instead of storing them (non-reentrant checkpoint)."""
+    """Recompute `modules`' activations in backward instead of storing them (non-reentrant checkpoint).
 
-    def __init__(self, modules):
+    Pass the `lora` set when the adversarial term is on: its G loss back-propagates through the teacher (LoRA off),
+    and the recomputation in backward must see the LoRA switched as it was in the forward.
+    """
+
+    def __init__(self, modules, lora=None):
         from torch.utils.checkpoint import checkpoint
 
+        self.lora = lora
         self.patched = []
         for module in modules:
             forward = module.forward
@@ -179,9 +216,24 @@ class GradientCheckpointing:
             def checkpointed(*args, _forward=forward, **kwargs):
                 if not torch.is_grad_enabled():
                     return _forward(*args, **kwargs)
+                if self.lora is not None:
+                    kwargs["context_fn"] = self._lora_as_now
                 return checkpoint(_forward, *args, use_reentrant=False, **kwargs)
             module.forward = checkpointed
             self.patched.append(module)
+
+    def _lora_as_now(self):
+        """(forward context, recomputation context): the recomputation switches the LoRA as it is now."""
+        enabled, lora = self.lora.enabled, self.lora
+
+        @contextlib.contextmanager
+        def switched():
+            before, lora.enabled = lora.enabled, enabled
+            try:
+                yield
+            finally:
+                lora.enabled = before
+        return contextlib.nullcontext(), switched()
 
     def remove(self):
         for module in self.patched:
@@ -190,10 +242,13 @@ class GradientCheckpointing:
 
 
 class Distiller:
-    def __init__(self, config: DistillConfig, denoise, lora: LoraSet, data: LatentData, sigmas, device=None):
+    def __init__(self, config: DistillConfig, denoise, lora: LoraSet, data: LatentData, sigmas, device=None,
+                 adversarial=None):
+        """adversarial: an `AdversarialTerm` (discriminator heads on the teacher's features), with
+        config.adversarial_weight > 0; None with the weight 0."""
         self.world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         self.rank = dist.get_rank() if self.world_size > 1 else 0
-        config.check(len(data), self.world_size)
+        config.check(len(data), self.world_size, adversarial is not None)
         if config.cfg_mode == "small" and config.w_max > 0 and data.uncond is None:
             raise ValueError("small-CFG distillation needs the empty-prompt conditioning (uncond) for the teacher's "
                              "guidance; connect it, or set cfg_mode to normal, or w_min = w_max = 0.")
@@ -208,6 +263,8 @@ class Distiller:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.precision == "fp16")
         self.ema = [p.detach().clone() for p in self.params] if config.ema_decay > 0 else None
         self.generator = torch.Generator().manual_seed(config.seed)
+        self.adversarial = adversarial.to(self.device) if adversarial is not None else None
+        self._adv_micro = None  # this micro-step's [G loss, D loss]
         self.step = 0
         self.losses = []
         self.fp16_skips = 0
@@ -222,7 +279,12 @@ class Distiller:
         noise = torch.randn((b,) + tuple(self.data.latents.shape[1:]), generator=g)
         empty = torch.rand(b, generator=g) < (c.empty_prompt_prob if c.cfg_mode == "normal" else 0.0)
         flip = torch.rand(b, generator=g) < c.hflip_prob
-        return Draw(index, grid_index, w.float(), noise, empty, flip)
+        if self.adversarial is None:
+            return Draw(index, grid_index, w.float(), noise, empty, flip)
+        # after all other draws, so that the switch off consumes the generator exactly as before
+        offset = torch.randint(0, max(len(self.sigmas) // c.phases, 1), (b,), generator=g)
+        fake_noise, real_noise = torch.randn(noise.shape, generator=g), torch.randn(noise.shape, generator=g)
+        return Draw(index, grid_index, w.float(), noise, empty, flip, offset, fake_noise, real_noise)
 
     def student(self, x, sigma, cond):
         return self.denoise(x, sigma, cond)
@@ -251,7 +313,8 @@ class Distiller:
                     p.copy_(s)
 
     def micro_loss(self, draw: Draw):
-        """This rank's mean loss over its slice of one global micro-batch."""
+        """This rank's mean loss over its slice of one global micro-batch (with the adversarial term: plus its
+        weighted G loss, and the discriminator's gradients accumulate in its heads)."""
         c = self.config
         per_rank = c.batch_size // self.world_size
         mine = draw.slice(self.rank * per_rank, (self.rank + 1) * per_rank)
@@ -263,11 +326,48 @@ class Distiller:
         targets = type(targets)(*(t.to(self.device) for t in (targets.t, targets.t_next, targets.edge,
                                                                   targets.starts_phase)))
         autocast = PRECISIONS[c.precision]
+        student, target_model = self.student, self.target
+        if self.adversarial is not None:
+            student, target_model = _Recorded(self.student), _Recorded(self.target)
         with torch.autocast(self.device.type, dtype=autocast, enabled=autocast is not None):
-            loss = pcm_loss(self.student, self.teacher, x0, mine.noise.to(self.device), cond,
+            loss = pcm_loss(student, self.teacher, x0, mine.noise.to(self.device), cond,
                             uncond if guided else None, self.sigmas, targets, mine.w.to(self.device),
-                            c.huber_c, flow=c.flow, target_model=self.target)
-        return loss.float().mean()
+                            c.huber_c, flow=c.flow, target_model=target_model)
+        loss = loss.float().mean()
+        if self.adversarial is not None:
+            loss = loss + c.adversarial_weight * self._adversarial(mine, targets, student, target_model, cond)
+        return loss
+
+    def _pred_and_target(self, targets, student, target_model):
+        """pcm_loss's pred (with its graph) and stop-grad target at σ_e, rebuilt from the recorded model calls."""
+        (x_t, s_t, d_student), (x_n, s_n, d_target) = student.only_call(), target_model.only_call()
+        shape = (-1,) + (1,) * (x_t.ndim - 1)
+        s_e = self.sigmas[targets.edge].to(x_t.dtype).reshape(shape)
+        pred = ddim_jump(x_t, s_t.reshape(shape), s_e, d_student, self.config.flow)
+        with torch.no_grad():
+            target = ddim_jump(x_n, s_n.reshape(shape), s_e, d_target, self.config.flow)
+            target = torch.where(targets.starts_phase.reshape(shape), x_n, target)
+        return pred, target, s_e
+
+    def _adversarial(self, mine, targets, student, target_model, cond):
+        """The G loss of this rank's slice; runs the discriminator's backward (detached samples) on the way."""
+        c, adv = self.config, self.adversarial
+        pred, target, s_e = self._pred_and_target(targets, student, target_model)
+        shape = s_e.shape
+        t_adv = (targets.edge + mine.adv_offset.to(self.device)).clamp_max(len(self.sigmas) - 1)
+        s_adv = self.sigmas[t_adv]
+        fake = renoise(pred, s_e, s_adv.reshape(shape), mine.adv_noise_fake.to(self.device), c.flow)
+        real = renoise(target, s_e, s_adv.reshape(shape), mine.adv_noise_real.to(self.device), c.flow)
+        autocast = PRECISIONS[c.precision]
+        with torch.autocast(self.device.type, dtype=autocast, enabled=autocast is not None), self.lora.disabled():
+            fake_features = adv.features(fake, s_adv, cond)  # the teacher's; gradients flow back into pred
+            with torch.no_grad():
+                real_features = adv.features(real, s_adv, cond)
+        g_loss = adv.g_loss(fake_features)
+        d_loss = adv.d_loss(real_features, fake_features)
+        (d_loss / c.grad_accumulation).backward()
+        self._adv_micro = torch.stack([g_loss.detach(), d_loss.detach()])
+        return g_loss
 
     def _all_reduce_mean(self, tensor):
         if self.world_size > 1:
@@ -285,11 +385,16 @@ class Distiller:
             group["lr"] = c.learning_rate * min(1.0, (self.step + 1) / c.warmup_steps) if c.warmup_steps else c.learning_rate
         self.optimizer.zero_grad(set_to_none=True)
         total = torch.zeros((), device=self.device)
+        adv_total = torch.zeros(2, device=self.device)
+        if self.adversarial is not None:
+            self.adversarial.optimizer.zero_grad(set_to_none=True)
         with deterministic_algorithms(c.deterministic):
             for _ in range(c.grad_accumulation):
                 loss = self.micro_loss(self.draw()) / c.grad_accumulation
                 self.scaler.scale(loss).backward()
                 total += loss.detach()
+                if self.adversarial is not None:
+                    adv_total += self._adv_micro / c.grad_accumulation
         for p in self.params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
@@ -301,6 +406,8 @@ class Distiller:
                                   "fp16.")
         self.scaler.unscale_(self.optimizer)
         norm = torch.nn.utils.clip_grad_norm_(self.params, c.grad_clip if c.grad_clip > 0 else float("inf"))
+        if self.adversarial is not None:  # the heads' gradients: averaged over ranks, clipped; NaN stops alike
+            norm = norm + self.adversarial.reduce_and_clip(c.grad_clip, self._all_reduce_mean).to(norm.device)
         if not torch.isfinite(norm):
             if c.precision != "fp16":
                 raise DistillDiverged(f"The gradients became NaN/Inf at step {self.step + 1}; the LoRA keeps the "
@@ -313,6 +420,9 @@ class Distiller:
             self.fp16_skips = 0
         self.scaler.step(self.optimizer)  # skips the update when fp16 gradients overflowed
         self.scaler.update()
+        if self.adversarial is not None:
+            self.adversarial.step()  # skipped by itself when its gradients are not finite
+            self.adversarial.history.append(self._all_reduce_mean(adv_total).tolist())
         if self.ema is not None:
             with torch.no_grad():
                 for e, p in zip(self.ema, self.params):
@@ -333,6 +443,10 @@ class Distiller:
         tensors["losses"] = torch.tensor(self.losses, dtype=torch.float64)
         meta = {"step": str(self.step), "config": self.config.to_json(), "fp16_skips": str(self.fp16_skips),
                 "scaler": json.dumps(self.scaler.state_dict() if self.scaler.is_enabled() else {})}
+        if self.adversarial is not None:
+            adv_tensors, adv_meta = self.adversarial.state()
+            tensors.update(adv_tensors)
+            meta.update(adv_meta)
         return tensors, meta
 
     def load_state(self, tensors, meta):
@@ -358,6 +472,8 @@ class Distiller:
                     self.optimizer.state[p] = state
             if self.ema is not None:
                 self.ema = [tensors[f"ema.{i}"].to(p.device) for i, p in enumerate(self.params)]
+        if self.adversarial is not None:
+            self.adversarial.load_state(tensors, meta)
         self.generator.set_state(tensors["rng"])
         self.losses = tensors["losses"].tolist()
         self.step = int(meta["step"])

@@ -58,6 +58,14 @@ def make_setup(seed=0, n=8, batch=4, ms=VP, **overrides):
     return net, lora, data, config
 
 
+def toy_adversarial(net, lr=1e-5, seed=0):
+    """The adversarial term on the toy network: one head each on the teacher's conv_in and mid outputs."""
+    from fewstep.distill.adversarial import AdversarialTerm, HookedFeatures
+
+    return AdversarialTerm(HookedFeatures(vp_denoise(net), [net.conv_in, net.mid]), [net.conv_in.out_channels,
+                           net.mid.out_channels], lr=lr, seed=seed)
+
+
 def base_state(net):
     return {k: v.clone() for k, v in net.state_dict().items()}
 
