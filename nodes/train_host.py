@@ -121,10 +121,32 @@ def _clone_input(module, args):
     return None
 
 
+_COPYING_BLOCKS = {}
+
+
+def _copying_block_class(cls):
+    """A subclass of a FLUX block class whose forward runs on copies of its tensor arguments while gradients are
+    recorded. Inside a checkpoint wrapper (which calls the class forward) the copy is part of the recomputed
+    region, so the checkpoint keeps the untouched inputs."""
+    sub = _COPYING_BLOCKS.get(cls)
+    if sub is None:
+        def forward(self, *args, **kwargs):
+            if torch.is_grad_enabled():
+                args = [a.clone() if torch.is_tensor(a) and a.is_floating_point() else a for a in args]
+                kwargs = {k: v.clone() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in kwargs.items()}
+            return cls.forward(self, *args, **kwargs)
+
+        sub = _COPYING_BLOCKS[cls] = type(cls.__name__, (cls,), {"forward": forward, "__module__": cls.__module__})
+    return sub
+
+
 def _guard_flux_inplace_adds(patcher):
-    """FLUX's blocks add to their residual streams in place (`img += ...`, `x += ...`) after a LayerNorm has saved
-    the stream for backward, which autograd refuses once a LoRA upstream makes the stream require grad. The
-    norms get a copy instead (only while gradients are recorded: sampling is untouched). Once per model."""
+    """FLUX's blocks add to their residual streams in place (`img += ...`, `x += ...`), and the streams are their
+    own arguments. Autograd refuses both once a LoRA upstream makes the streams require grad: a LayerNorm inside
+    has saved the stream for backward, and a checkpoint wrapper has saved the block's inputs. The norms get a
+    copy of their input, and each block works on copies of its arguments (a subclass swap, so a wrapper that
+    replaces and later deletes `block.forward` keeps it); both only while gradients are recorded, so sampling
+    is untouched. Once per model."""
     dm = patcher.model.diffusion_model
     if getattr(dm, "_fewstep_inplace_guard", False):
         return
@@ -132,6 +154,7 @@ def _guard_flux_inplace_adds(patcher):
         for module in block.modules():
             if isinstance(module, nn.LayerNorm):
                 module.register_forward_pre_hook(_clone_input)
+        block.__class__ = _copying_block_class(type(block))
     dm._fewstep_inplace_guard = True
 
 
@@ -315,7 +338,8 @@ def checkpoint_blocks(patcher) -> list:
 
     UNets: the ResBlocks, SpatialTransformers and up/downsamplers *inside* input_blocks/middle_block/output_blocks:
     the UNet calls those children itself (forward_timestep_embed), never TimestepEmbedSequential.forward, so a
-    wrapped block would be bypassed. SD3: joint_blocks; FLUX: double_blocks and single_blocks."""
+    wrapped block would be bypassed. SD3: joint_blocks; FLUX: double_blocks and single_blocks (made safe for a
+    plain checkpoint wrapper first: they add into their own arguments in place)."""
     arch = _supported_arch(patcher)
     dm = patcher.model.diffusion_model
     if arch in UNET_ARCHS:
@@ -323,6 +347,7 @@ def checkpoint_blocks(patcher) -> list:
         return [layer for seq in seqs for layer in seq if not isinstance(layer, (nn.Conv2d, nn.Linear))]
     if arch == "sd3":
         return list(dm.joint_blocks)
+    _guard_flux_inplace_adds(patcher)  # before anyone wraps the blocks
     return list(dm.double_blocks) + list(dm.single_blocks)
 
 
