@@ -5,9 +5,10 @@ from .loras import NODES as LORA_NODES
 from .preview import SchedulePreview
 from .samplers import CTMGammaSampler, PCMSampler, TCDSampler
 from .schedulers import HyperSD1StepScheduler, LCMGridScheduler, PCMScheduler
+from .train import NODES as TRAIN_NODES
 
 NODES = [PCMScheduler, LCMGridScheduler, HyperSD1StepScheduler, TCDSampler, CTMGammaSampler, PCMSampler, SchedulePreview,
-         *LORA_NODES]
+         *LORA_NODES, *TRAIN_NODES]
 
 
 class FewStepExtension(ComfyExtension):

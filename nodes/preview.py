@@ -94,3 +94,44 @@ class SchedulePreview(io.ComfyNode):
                 edges = [float(ms.sigmas[t]) for t in pcm_phase_edges(phases, ddim_timesteps, len(ms.sigmas))[1:-1]]
         array = draw_schedule(sigmas, timesteps, edges, width, height)
         return io.NodeOutput(torch.from_numpy(array.astype(np.float32) / 255.0)[None])
+
+
+def draw_loss_curve(losses, width=768, height=432, title=""):
+    """Training loss per optimiser step (log scale) with a 20-step moving average, as an RGB uint8 array."""
+    img = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(img)
+    font = ImageFont.load_default(size=13)
+    left, right, top, bottom = 70, width - 24, 36, height - 46
+    values = [float(v) for v in losses if math.isfinite(float(v)) and float(v) > 0]
+    draw.rectangle([left, top, right, bottom], outline="black")
+    draw.text((left, 10), title or f"distillation loss, {len(values)} steps (log scale)", fill="black", font=font)
+    if not values:
+        draw.text((left + 10, top + 10), "no loss values yet", fill="black", font=font)
+        return np.asarray(img)
+    lo, hi = math.log10(min(values)), math.log10(max(values))
+    if hi - lo < 1e-6:
+        lo, hi = lo - 0.5, hi + 0.5
+
+    def ypos(v):
+        return bottom - (math.log10(v) - lo) / (hi - lo) * (bottom - top - 10)
+
+    def xpos(i):
+        return left + (right - left) * (i / max(len(values) - 1, 1))
+
+    for decade in range(math.floor(lo), math.ceil(hi) + 1):
+        y = ypos(10.0 ** decade)
+        if top <= y <= bottom:
+            draw.line([left - 4, y, right, y], fill=(225, 225, 225))
+            draw.text((8, y - 7), f"1e{decade}", fill="black", font=font)
+    draw.line([(xpos(i), ypos(v)) for i, v in enumerate(values)] if len(values) > 1 else
+              [(left, ypos(values[0])), (right, ypos(values[0]))], fill=(170, 190, 230), width=1)
+    window = min(20, len(values))
+    smooth = np.convolve(np.log10(values), np.ones(window) / window, mode="valid")
+    if len(smooth) > 1:
+        draw.line([(xpos(i + window - 1), bottom - (v - lo) / (hi - lo) * (bottom - top - 10))
+                   for i, v in enumerate(smooth)], fill=(30, 80, 200), width=2)
+    draw.text((left, bottom + 6), "1", fill="black", font=font)
+    draw.text((right - 40, bottom + 6), str(len(values)), fill="black", font=font)
+    draw.text((left + 40, bottom + 24), f"optimiser step; last {values[-1]:.4g}, "
+              f"mean of last {window} {10 ** float(smooth[-1]):.4g}", fill="black", font=font)
+    return np.asarray(img)

@@ -1,0 +1,271 @@
+"""PCM Distillation node: trains a phased-consistency LoRA for the connected model, inside ComfyUI."""
+from __future__ import annotations
+
+import logging
+import os
+import pathlib
+import re
+
+import comfy.model_management
+import comfy.sample
+import comfy.samplers
+import comfy.utils
+import folder_paths
+import numpy as np
+import torch
+from comfy_api.latest import io
+
+from ..distill.engine import CFG_MODES, PRECISIONS, DistillConfig, DistillDiverged
+from ..samplers import sample_pcm
+from ..schedulers import pcm_sigmas
+from . import train_host
+from .preview import draw_loss_curve
+from .train_run import TrainingInterrupted, TrainJob, run
+
+log = logging.getLogger("fewstep")
+
+VALIDATION_STEPS = (1, 2, 4)
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.+-]*(/[A-Za-z0-9][A-Za-z0-9 _.+-]*)*$")
+
+
+def lora_output_path(output_name: str) -> pathlib.Path:
+    """models/loras/<output_name>.safetensors; names that would leave models/loras are refused."""
+    name = (output_name or "").strip()
+    if name.endswith(".safetensors"):
+        name = name[: -len(".safetensors")]
+    if not NAME_PATTERN.match(name) or ".." in name.split("/"):
+        raise ValueError(f"output_name {output_name!r} is not a plain file name inside models/loras: use letters, "
+                         "digits, space, _ . + - and optionally sub/folders, no '..' and no absolute path.")
+    root = pathlib.Path(folder_paths.get_folder_paths("loras")[0]).resolve()
+    path = (root / (name + ".safetensors")).resolve()
+    if root not in path.parents:
+        raise ValueError(f"output_name {output_name!r} leaves models/loras.")
+    return path
+
+
+def check_writable(folder: pathlib.Path):
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".fewstep-write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise ValueError(f"Cannot write the LoRA into {folder} ({error.strerror or error}). Make the folder writable "
+                         "or pick another output_name.") from None
+
+
+def state_path_for(lora_path: pathlib.Path) -> pathlib.Path:
+    root = pathlib.Path(folder_paths.get_folder_paths("loras")[0]).resolve()
+    relative = lora_path.relative_to(root).with_suffix("")
+    return pathlib.Path(folder_paths.get_output_directory()) / "fewstep_training" / relative / "state.safetensors"
+
+
+def validation_images(model, positive, negative, latent_shape, phases, ddim_timesteps, cfg, seed, vae=None):
+    """The pack's `pcm` sampler at 1, 2 and 4 steps on the trained phase edges, from one seeded noise."""
+    ms = model.get_model_object("model_sampling")
+    latent = torch.zeros(latent_shape)
+    noise = comfy.sample.prepare_noise(latent, seed)
+    sampler = comfy.samplers.KSAMPLER(sample_pcm)
+    rows = []
+    for steps in VALIDATION_STEPS:
+        sigmas = pcm_sigmas(ms, steps, phases, ddim_timesteps) if phases <= ddim_timesteps else pcm_sigmas(ms, steps)
+        samples = comfy.sample.sample_custom(model, noise, cfg, sampler, sigmas, positive, negative or positive, latent,
+                                             disable_pbar=True, seed=seed)
+        rows.append(vae.decode(samples)[..., :3] if vae is not None
+                    else train_host.latent_preview_images(model, samples, model_space=False))
+    return torch.cat([r.float().cpu() for r in rows], dim=0)
+
+
+class PCMDistill(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="FewStepPCMDistill",
+            display_name="PCM Distillation (train LoRA)",
+            category="training/fewstep",
+            is_output_node=True,
+            description="Trains a phased-consistency (PCM) LoRA for the connected model on your latents, so it samples "
+                        "in 1–8 steps with the pcm sampler. Writes models/loras/<output_name>.safetensors with metadata "
+                        "the Fast LoRA Loader turns into the right sampling preset. Cancel saves a resumable state.",
+            inputs=[
+                io.Model.Input("model", tooltip="The teacher: the model to make fast (SD1.5, SDXL, SD3 or FLUX)."),
+                io.Latent.Input("latents", tooltip="Training data: a batch of latents, e.g. VAE Encode of your images."),
+                io.String.Input("output_name", default="fewstep_pcm_lora",
+                                tooltip="LoRA file name inside models/loras (sub/folders allowed)."),
+                io.Int.Input("steps", default=500, min=1, max=1_000_000, tooltip="Optimiser steps to train."),
+                io.Int.Input("phases", default=4, min=1, max=100,
+                             tooltip="PCM phases M: the LoRA samples best at M steps. 1 = one-phase consistency "
+                                     "(LCM-style) baseline."),
+                io.Int.Input("ddim_timesteps", default=50, min=1, max=1000,
+                             tooltip="K, the teacher's DDIM grid (SD1.5 script 50, SDXL 40). Must be ≥ phases."),
+                io.Int.Input("batch_size", default=2, min=1, max=1024, tooltip="Latents per step."),
+                io.Int.Input("grad_accumulation", default=1, min=1, max=1024,
+                             tooltip="Steps whose gradients are summed before an update (bigger effective batch)."),
+                io.Float.Input("learning_rate", default=1e-4, min=1e-8, max=1.0, step=1e-6, round=1e-8,
+                               tooltip="AdamW learning rate of the LoRA."),
+                io.Int.Input("rank", default=16, min=1, max=512, tooltip="LoRA rank."),
+                io.Float.Input("alpha", default=16.0, min=0.01, max=1024.0, step=0.5,
+                               tooltip="LoRA alpha; the LoRA's scale is alpha/rank."),
+                io.Combo.Input("cfg_mode", options=list(CFG_MODES), default="small",
+                               tooltip="small: the teacher's CFG (w in [w_min, w_max]) is distilled in, sample at CFG "
+                                       "1–2. normal: CFG solver off with 10 % empty prompts, sample at CFG 2–6."),
+                io.Float.Input("w_min", default=4.0, min=0.0, max=30.0, step=0.1,
+                               tooltip="Smallest teacher guidance w (ComfyUI CFG = 1 + w). small mode only."),
+                io.Float.Input("w_max", default=5.0, min=0.0, max=30.0, step=0.1,
+                               tooltip="Largest teacher guidance w. small mode only."),
+                io.Float.Input("huber_c", default=0.001, min=0.0, max=1.0, step=0.0001,
+                               tooltip="Pseudo-Huber c of the distance (0 = L1 on the samples)."),
+                io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff,
+                             tooltip="Seeds the LoRA's init and every random draw: same seed, same LoRA."),
+                io.Combo.Input("precision", options=list(PRECISIONS), default="bf16",
+                               tooltip="Autocast dtype of the forwards; the LoRA's weights stay float32. fp16 uses a "
+                                       "gradient scaler. fp32 on CPU."),
+                io.Boolean.Input("gradient_checkpointing", default=True,
+                                 tooltip="Recompute activations in the backward pass: much less memory, ~30 % slower."),
+                io.Int.Input("save_every", default=0, min=0, max=1_000_000,
+                             tooltip="Also write the LoRA and the resumable state every N steps (0 = only at the end)."),
+                io.Int.Input("validate_every", default=0, min=0, max=1_000_000,
+                             tooltip="Sample validation images every N steps into output/fewstep_training (0 = only at "
+                                     "the end)."),
+                io.Boolean.Input("resume", default=False,
+                                 tooltip="Continue the saved state of this output_name (weights, optimiser, step, "
+                                         "random state). Raise steps to train longer."),
+                io.Conditioning.Input("positive", optional=True,
+                                      tooltip="Prompt conditioning: one entry per latent, or one shared by all."),
+                io.Conditioning.Input("negative", optional=True,
+                                      tooltip="The empty prompt's conditioning (CLIP Text Encode of \"\"), for the "
+                                              "teacher's guidance and the empty-prompt dropout."),
+                io.Clip.Input("clip", optional=True,
+                              tooltip="Instead of positive/negative: encode the prompts below (and the empty prompt)."),
+                io.String.Input("prompts", optional=True, multiline=True, default="",
+                                tooltip="With clip: one prompt per line, one per latent or a single shared line."),
+                io.Vae.Input("vae", optional=True, tooltip="Decodes the validation images (else a latent preview)."),
+            ],
+            outputs=[
+                io.Model.Output(display_name="student", tooltip="The teacher with the trained LoRA applied."),
+                io.String.Output(display_name="lora_name", tooltip="The LoRA file, relative to models/loras."),
+                io.Image.Output(display_name="loss_curve", tooltip="Loss per optimiser step."),
+                io.Image.Output(display_name="validation",
+                                tooltip="The student with the pcm sampler at 1, 2 and 4 steps on its phase edges."),
+            ],
+            hidden=[io.Hidden.unique_id],
+        )
+
+    @classmethod
+    def validate_inputs(cls, output_name=None, phases=None, ddim_timesteps=None, w_min=None, w_max=None):
+        if output_name is not None:
+            try:
+                lora_output_path(output_name)
+            except ValueError as error:
+                return str(error)
+        if phases is not None and ddim_timesteps is not None and phases > ddim_timesteps:
+            return (f"phases ({phases}) cannot exceed ddim_timesteps ({ddim_timesteps}): each phase needs at least "
+                    "one DDIM step. Lower phases or raise ddim_timesteps.")
+        if w_min is not None and w_max is not None and w_min > w_max:
+            return f"w_min ({w_min}) is larger than w_max ({w_max})."
+        return True
+
+    @classmethod
+    def execute(cls, model, latents, output_name, steps, phases, ddim_timesteps, batch_size, grad_accumulation,
+                learning_rate, rank, alpha, cfg_mode, w_min, w_max, huber_c, seed, precision, gradient_checkpointing,
+                save_every, validate_every, resume, positive=None, negative=None, clip=None, prompts="",
+                vae=None) -> io.NodeOutput:
+        samples = latents["samples"] if isinstance(latents, dict) else None
+        if samples is None or samples.ndim != 4 or samples.shape[0] == 0:
+            raise ValueError("latents is empty: connect a batch of latents (e.g. VAE Encode of your images).")
+        positive, negative = cls.conditioning(clip, prompts, positive, negative, len(samples))
+        lora_path = lora_output_path(output_name)
+        check_writable(lora_path.parent)
+        state_path = state_path_for(lora_path)
+        if not resume and state_path.is_file():
+            log.info("fewstep: resume is off; starting %s from scratch (old state replaced at the first save)",
+                     lora_path.name)
+        config = DistillConfig(
+            phases=phases, ddim_timesteps=ddim_timesteps, steps=steps, batch_size=batch_size,
+            grad_accumulation=grad_accumulation, learning_rate=learning_rate, cfg_mode=cfg_mode, w_min=w_min,
+            w_max=w_max, huber_c=huber_c, precision=precision, seed=seed % (2 ** 63), deterministic=True)
+        config.check(len(samples))
+        node_id = cls.hidden.unique_id if cls.hidden is not None else None
+        bar = comfy.utils.ProgressBar(steps)
+        validation_cfg = 1.0 if cfg_mode == "small" else 3.0
+        val_dir = state_path.parent
+
+        def progress(step, total, loss, eta):
+            bar.update_absolute(step, total)
+            text = f"step {step}/{total}  loss {loss:.4g}  ETA {_duration(eta)}"
+            log.info("fewstep: %s: %s", lora_path.name, text)
+            server = _server()
+            if server is not None and node_id is not None:
+                server.send_progress_text(text, node_id)
+                server.send_sync("fewstep.train", {"node": node_id, "step": step, "total": total, "loss": loss,
+                                                   "eta_s": eta}, server.client_id)
+
+        def validate(step):
+            images = validation_images(model, positive[0], negative, (1,) + tuple(samples.shape[1:]), phases,
+                                       ddim_timesteps, validation_cfg, seed, vae)
+            _save_png(images, val_dir / f"validation_step{step:06d}.png")
+
+        job = TrainJob(model=model, latents=samples, positive=positive, negative=negative, config=config, rank=rank,
+                       alpha=alpha, lora_path=lora_path, state_path=state_path,
+                       gradient_checkpointing=gradient_checkpointing, save_every=save_every,
+                       validate_every=validate_every, resume=resume, progress=progress,
+                       interrupted=comfy.model_management.processing_interrupted, validate=validate)
+        try:
+            result = run(job)
+        except TrainingInterrupted as stop:
+            log.warning("fewstep: %s", stop)
+            comfy.model_management.throw_exception_if_processing_interrupted()
+            raise
+        except DistillDiverged as error:
+            raise RuntimeError(str(error)) from None
+        relative = lora_path.relative_to(pathlib.Path(folder_paths.get_folder_paths("loras")[0]).resolve())
+        student = train_host.student_model(model, str(lora_path), relative.as_posix())
+        with torch.inference_mode(False), torch.no_grad():
+            images = validation_images(student, positive[0], negative, (1,) + tuple(samples.shape[1:]), phases,
+                                       ddim_timesteps, validation_cfg, seed, vae)
+        curve = torch.from_numpy(np.array(draw_loss_curve(result.losses, title=f"{relative.as_posix()}: loss per step "
+                                                 f"(log scale), {result.steps} steps"))).float()[None] / 255.0
+        return io.NodeOutput(student, relative.as_posix(), curve, images)
+
+    @staticmethod
+    def conditioning(clip, prompts, positive, negative, n):
+        lines = [line.strip() for line in (prompts or "").splitlines() if line.strip()]
+        if clip is not None and lines:
+            if positive is not None:
+                raise ValueError("Connect either positive conditioning or clip + prompts, not both.")
+            positive = train_host.encode_prompts(clip, lines)
+            if negative is None:
+                negative = train_host.encode_prompts(clip, [""])[0]
+        elif positive is None:
+            raise ValueError("No prompts: connect positive conditioning (one per latent or one shared), or clip and "
+                             "prompts (one per line).")
+        else:
+            positive = [[entry] for entry in positive]  # each CONDITIONING entry is one latent's prompt
+        if len(positive) not in (1, n):
+            raise ValueError(f"{len(positive)} prompts for {n} latents: give one per latent or a single shared one.")
+        return positive, negative
+
+
+def _duration(seconds):
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else \
+        f"{seconds // 60}:{seconds % 60:02d}"
+
+
+def _server():
+    try:
+        from server import PromptServer
+        return PromptServer.instance
+    except (ImportError, AttributeError):
+        return None
+
+
+def _save_png(images, path):
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    strip = (images.clamp(0, 1).numpy() * 255).round().astype(np.uint8)
+    Image.fromarray(np.concatenate(list(strip), axis=1)).save(path)
+
+
+NODES = [PCMDistill]
