@@ -1,0 +1,196 @@
+"""Headless distillation: `python -m fewstep.distill --checkpoint model.safetensors --images folder/ ...`
+
+Loads the checkpoint with ComfyUI's own loader in-process (no server), encodes the images with its VAE and the
+prompts with its CLIP, and runs the same job as the PCM Distillation node. Under
+`torchrun --nproc_per_node N` it trains data-parallel with torch.distributed: every process draws the same
+global batch from the shared seed and takes its slice, gradients are averaged, rank 0 writes the files; the
+result equals one process at the same global batch (--batch-size is global and must divide by N).
+
+ComfyUI is found from --comfyui, $COMFYUI_PATH, or the folder two levels up when the pack sits in
+ComfyUI/custom_nodes.
+"""
+import argparse
+import logging
+import os
+import pathlib
+import signal
+import sys
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def parse_args(argv=None):
+    from .engine import CFG_MODES, PRECISIONS
+
+    p = argparse.ArgumentParser(prog="python -m fewstep.distill", description=__doc__.splitlines()[0])
+    p.add_argument("--checkpoint", required=True, help="model checkpoint (.safetensors) with UNet, CLIP and VAE")
+    p.add_argument("--images", required=True, help="folder of training images (captions: <image>.txt beside each)")
+    p.add_argument("--prompts", help="text file, one prompt per line: one per image (sorted by name) or a single line")
+    p.add_argument("--prompt", help="one prompt shared by all images")
+    p.add_argument("--output", required=True, help="LoRA file to write (.safetensors); the state goes beside it")
+    p.add_argument("--resolution", type=int, default=512, help="images are resized and centre-cropped to this square")
+    p.add_argument("--flip", action="store_true", help="add horizontally flipped copies of the images (kornia)")
+    p.add_argument("--comfyui", help="ComfyUI folder (default: $COMFYUI_PATH or ../.. of the pack)")
+    p.add_argument("--cpu", action="store_true", help="train on the CPU")
+    p.add_argument("--steps", type=int, default=500)
+    p.add_argument("--phases", type=int, default=4)
+    p.add_argument("--ddim-timesteps", type=int, default=50)
+    p.add_argument("--batch-size", type=int, default=2, help="global batch (split over torchrun processes)")
+    p.add_argument("--grad-accumulation", type=int, default=1)
+    p.add_argument("--learning-rate", type=float, default=1e-4)
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--alpha", type=float, default=16.0)
+    p.add_argument("--cfg-mode", choices=CFG_MODES, default="small")
+    p.add_argument("--w-min", type=float, default=4.0)
+    p.add_argument("--w-max", type=float, default=5.0)
+    p.add_argument("--huber-c", type=float, default=0.001)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--precision", choices=tuple(PRECISIONS), default="bf16")
+    p.add_argument("--no-gradient-checkpointing", action="store_true")
+    p.add_argument("--save-every", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="continue from the saved state beside --output")
+    return p.parse_args(argv)
+
+
+def comfyui_root(explicit):
+    candidates = [explicit, os.environ.get("COMFYUI_PATH"), pathlib.Path(__file__).resolve().parents[3]]
+    for candidate in candidates:
+        if candidate and (pathlib.Path(candidate) / "comfy" / "sd.py").is_file():
+            return pathlib.Path(candidate).resolve()
+    raise SystemExit("ComfyUI not found: pass --comfyui /path/to/ComfyUI or set COMFYUI_PATH.")
+
+
+def start_host(root, cpu, output_dir):
+    """Import ComfyUI in-process the way main.py configures it (no server, no custom nodes)."""
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    import comfy.cli_args
+
+    import utils.install_util  # noqa: F401  (ComfyUI's utils package must win over comfy/utils.py, as in main.py)
+
+    comfy.cli_args.args.cpu = cpu
+    comfy.cli_args.args.disable_api_nodes = True
+    import folder_paths
+
+    folder_paths.set_output_directory(str(output_dir))
+
+
+def list_images(folder):
+    folder = pathlib.Path(folder)
+    if not folder.is_dir():
+        raise SystemExit(f"--images {folder} is not a folder.")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise SystemExit(f"--images {folder} has no images ({', '.join(IMAGE_SUFFIXES)}).")
+    return files
+
+
+def load_images(files, resolution, flip):
+    """N × res × res × 3 in [0, 1] (ComfyUI IMAGE layout): shorter side resized, centre crop; + flipped copies."""
+    import kornia
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    out = []
+    for path in files:
+        with Image.open(path) as img:
+            x = torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
+        h, w = x.shape[-2:]
+        scale = resolution / min(h, w)
+        x = kornia.geometry.transform.resize(x, (max(resolution, round(h * scale)), max(resolution, round(w * scale))),
+                                             antialias=True)
+        out.append(kornia.geometry.transform.center_crop(x, (resolution, resolution)).clamp(0, 1))
+    images = torch.cat(out)
+    if flip:
+        images = torch.cat([images, kornia.geometry.transform.hflip(images)])
+    return images.permute(0, 2, 3, 1).contiguous()
+
+
+def read_prompts(args, files):
+    if args.prompt is not None:
+        return [args.prompt]
+    if args.prompts:
+        lines = [ln.strip() for ln in pathlib.Path(args.prompts).read_text(encoding="utf-8").splitlines() if ln.strip()]
+        if len(lines) not in (1, len(files)):
+            raise SystemExit(f"--prompts has {len(lines)} lines for {len(files)} images: one per image or one line.")
+        return lines
+    captions = [p.with_suffix(".txt") for p in files]
+    if all(c.is_file() for c in captions):
+        return [c.read_text(encoding="utf-8").strip() for c in captions]
+    raise SystemExit("No prompts: give --prompt, --prompts FILE, or a <image>.txt caption beside every image.")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    output = pathlib.Path(args.output).resolve()
+    start_host(comfyui_root(args.comfyui), args.cpu, output.parent)
+
+    import torch
+    import torch.distributed as dist
+
+    if world > 1:
+        if torch.cuda.is_available() and not args.cpu:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("gloo" if args.cpu or not torch.cuda.is_available() else "nccl")
+        if rank == 0:
+            logging.info("data parallel: %d processes (%s), global batch %d, %d per process", world,
+                         dist.get_backend(), args.batch_size, args.batch_size // world)
+    try:
+        return train(args, output, rank)
+    except ValueError as error:  # bad settings or data: the message says what to change
+        logging.error("fewstep.distill: %s", error)
+        return 2
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
+
+
+def train(args, output, rank):
+    import comfy.sd
+    import torch
+
+    from ..nodes import train_host
+    from ..nodes.train_run import TrainingInterrupted, TrainJob, run
+    from .engine import DistillConfig
+
+    files = list_images(args.images)
+    prompts = read_prompts(args, files)
+    with torch.inference_mode(False):
+        model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(args.checkpoint, output_vae=True, output_clip=True)
+        if clip is None or vae is None:
+            raise SystemExit(f"{args.checkpoint} has no CLIP or VAE; the CLI needs a full checkpoint.")
+        with torch.no_grad():
+            latents = vae.encode(load_images(files, args.resolution, args.flip))
+            if args.flip and len(prompts) > 1:
+                prompts = prompts + prompts
+            positive = train_host.encode_prompts(clip, prompts)
+            negative = train_host.encode_prompts(clip, [""])[0]
+    config = DistillConfig(
+        phases=args.phases, ddim_timesteps=args.ddim_timesteps, steps=args.steps, batch_size=args.batch_size,
+        grad_accumulation=args.grad_accumulation, learning_rate=args.learning_rate, cfg_mode=args.cfg_mode,
+        w_min=args.w_min, w_max=args.w_max, huber_c=args.huber_c, precision=args.precision, seed=args.seed,
+        deterministic=True)
+    stop = {"now": False}
+    signal.signal(signal.SIGINT, lambda *_: stop.update(now=True))
+
+    def progress(step, total, loss, eta):
+        if rank == 0:
+            logging.info("step %d/%d  loss %.5g  ETA %ds", step, total, loss, eta)
+
+    state = output.with_name(output.stem + ".state.safetensors")
+    job = TrainJob(model=model, latents=latents, positive=positive, negative=negative, config=config, rank=args.rank,
+                   alpha=args.alpha, lora_path=output, state_path=state,
+                   gradient_checkpointing=not args.no_gradient_checkpointing, save_every=args.save_every,
+                   resume=args.resume, progress=progress, interrupted=lambda: stop["now"], writer=rank == 0)
+    try:
+        result = run(job)
+    except TrainingInterrupted as error:
+        logging.warning("%s", error)
+        return 130
+    if rank == 0:
+        logging.info("wrote %s (%d steps, last loss %.5g)", result.lora_path, result.steps, result.losses[-1])
+    return 0
