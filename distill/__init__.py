@@ -4,11 +4,14 @@
 - `lora`: LoRA branches hooked onto an existing network (the teacher is the same network with them off).
 - `engine`: the training loop (`DistillConfig`, `LatentData`, `Distiller`): precision, accumulation,
   checkpointing, NaN guard, resumable state, data parallel over torch.distributed.
+- `adversarial`: the optional adversarial term (discriminator heads on frozen teacher features, hinge loss).
 - `io`: atomic safetensors files.
+- `cli`: `python -m fewstep.distill`, the headless runner (imports ComfyUI; the modules above do not).
 """
+from .adversarial import AdversarialTerm, DiscriminatorHeads, HookedFeatures
 from .engine import DistillConfig, DistillDiverged, Distiller, GradientCheckpointing, LatentData
 from .lora import LoraSet, lora_targets
 from .phased_loss import PhasedTargets, pcm_loss, pseudo_huber, sample_phased_targets
 
-__all__ = ["DistillConfig", "DistillDiverged", "Distiller", "GradientCheckpointing", "LatentData", "LoraSet",
+__all__ = ["AdversarialTerm", "DiscriminatorHeads", "HookedFeatures", "DistillConfig", "DistillDiverged", "Distiller", "GradientCheckpointing", "LatentData", "LoraSet",
            "PhasedTargets", "lora_targets", "pcm_loss", "pseudo_huber", "sample_phased_targets"]
