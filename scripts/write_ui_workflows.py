@@ -2,7 +2,7 @@
 
 Starts ComfyUI headless with the pack to read /object_info (widget order), then lays each API prompt out as
 a litegraph workflow. tests/e2e checks that each UI file converts back to its API twin.
-Usage: python scripts/write_ui_workflows.py [name ...]   (default: the LoRA workflows)
+Usage: python scripts/write_ui_workflows.py [name ...]   (default: the LoRA and training workflows)
 """
 import json
 import sys
@@ -14,7 +14,7 @@ sys.path.insert(0, str(REPO_ROOT / "tests"))
 from support.server import ComfyServer  # noqa: E402
 from support.ui_format import api_to_ui  # noqa: E402
 
-DEFAULT = ["pcm_lora_fast_sampler", "hyper_sd_lora_ksampler"]
+DEFAULT = ["pcm_lora_fast_sampler", "hyper_sd_lora_ksampler", "pcm_distill_train"]
 
 
 def main(names):
