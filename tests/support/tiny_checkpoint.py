@@ -27,7 +27,6 @@ import argparse
 import os
 import pathlib
 import sys
-import tempfile
 
 FORMAT_VERSION = "1"
 STAMP_KEY = "fewstep.tiny_sd15"
@@ -178,26 +177,13 @@ def write_tiny_sd15(path, seed: int = 0) -> pathlib.Path:
 
 
 def save_atomic(tensors, path, metadata) -> pathlib.Path:
-    """save_file to a temp file beside `path`, then rename: readers never see a half-written file."""
-    from safetensors.torch import save_file
+    """The pack's atomic safetensors writer (distill/io.py), loaded by path: this module also runs standalone."""
+    import importlib.util
 
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-" + path.name + "-", suffix=".part", dir=str(path.parent))
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file ordinary permissions
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    return path
+    spec = importlib.util.spec_from_file_location("fewstep_distill_io", _REPO_ROOT / "distill" / "io.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.save_safetensors_atomic(tensors, path, metadata)
 
 
 def cached_tiny_sd15(seed: int = 0, cache_dir=None) -> pathlib.Path:
