@@ -25,6 +25,7 @@ bench: setup
 	$(PY) bench/sampler_overhead.py
 	$(PY) scripts/parity_report.py
 	$(PY) bench/lora_load.py
+	$(PY) bench/distill_step.py
 
 parity: setup
 	$(PY) scripts/parity_report.py
