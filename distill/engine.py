@@ -388,13 +388,21 @@ class Distiller:
         adv_total = torch.zeros(2, device=self.device)
         if self.adversarial is not None:
             self.adversarial.optimizer.zero_grad(set_to_none=True)
-        with deterministic_algorithms(c.deterministic):
-            for _ in range(c.grad_accumulation):
-                loss = self.micro_loss(self.draw()) / c.grad_accumulation
-                self.scaler.scale(loss).backward()
-                total += loss.detach()
-                if self.adversarial is not None:
-                    adv_total += self._adv_micro / c.grad_accumulation
+        rng = self.generator.get_state()
+        try:
+            with deterministic_algorithms(c.deterministic):
+                for _ in range(c.grad_accumulation):
+                    loss = self.micro_loss(self.draw()) / c.grad_accumulation
+                    self.scaler.scale(loss).backward()
+                    total += loss.detach()
+                    if self.adversarial is not None:
+                        adv_total += self._adv_micro / c.grad_accumulation
+        except BaseException:
+            # Stopped inside the step (the host's Cancel raises from any layer, out of memory): nothing was updated,
+            # and the draws are put back, so the saved state resumes exactly as if the step never started.
+            self.generator.set_state(rng)
+            self.optimizer.zero_grad(set_to_none=True)
+            raise
         for p in self.params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)

@@ -191,7 +191,7 @@ class PCMDistill(io.ComfyNode):
         val_dir = state_path.parent
 
         def progress(step, total, loss, eta):
-            bar.update_absolute(step, total)
+            bar.update_absolute(step, total)  # the server's hook raises on Cancel; the job saves before it stops
             text = f"step {step}/{total}  loss {loss:.4g}  ETA {_duration(eta)}"
             log.info("fewstep: %s: %s", lora_path.name, text)
             server = _server()
@@ -214,8 +214,8 @@ class PCMDistill(io.ComfyNode):
             result = run(job)
         except TrainingInterrupted as stop:
             log.warning("fewstep: %s", stop)
-            comfy.model_management.throw_exception_if_processing_interrupted()
-            raise
+            comfy.model_management.interrupt_current_processing(False)
+            raise comfy.model_management.InterruptProcessingException() from None  # the host's "interrupted" status
         except DistillDiverged as error:
             raise RuntimeError(str(error)) from None
         relative = lora_path.relative_to(pathlib.Path(folder_paths.get_folder_paths("loras")[0]).resolve())

@@ -142,28 +142,38 @@ def _save(job, distiller, lora, config, arch):
                             lora_metadata(config, arch, distiller.step, job.rank, job.alpha))
 
 
+def _one_step(job, config, distiller, lora, arch, started, first):
+    try:
+        loss = distiller.train_step()
+    except DistillDiverged as error:
+        _save(job, distiller, lora, config, arch)  # the optimiser did not step: these are the last good weights
+        raise DistillDiverged(f"{error} Saved the last good state ({job.lora_path.name}, step {distiller.step}).") \
+            from None
+    eta = (time.monotonic() - started) / (distiller.step - first) * (config.steps - distiller.step)
+    job.progress(distiller.step, config.steps, loss, eta)
+    if job.save_every and distiller.step % job.save_every == 0 and distiller.step < config.steps:
+        _save(job, distiller, lora, config, arch)
+    if job.validate is not None and job.validate_every and distiller.step % job.validate_every == 0 \
+            and distiller.step < config.steps:
+        with torch.no_grad():
+            job.validate(distiller.step)
+
+
 def _loop(job, config, distiller, lora, arch, resumed_from):
+    from comfy.model_management import InterruptProcessingException
+
     started, first = time.monotonic(), distiller.step
     while distiller.step < config.steps:
-        if job.interrupted():
+        try:
+            if job.interrupted():
+                raise InterruptProcessingException()
+            _one_step(job, config, distiller, lora, arch, started, first)
+        except InterruptProcessingException:
+            # Cancel: ComfyUI raises it from inside any layer's forward (comfy.ops) or the progress hook; the
+            # interrupted step has changed nothing (the engine puts its draws back), so this state resumes exactly.
             _save(job, distiller, lora, config, arch)
             raise TrainingInterrupted(f"Training cancelled at step {distiller.step} of {config.steps}; the LoRA so far "
-                                      f"is {job.lora_path.name} and resume = true continues from here.")
-        try:
-            loss = distiller.train_step()
-        except DistillDiverged as error:
-            _save(job, distiller, lora, config, arch)  # the optimiser did not step: these are the last good weights
-            raise DistillDiverged(f"{error} Saved the last good state ({job.lora_path.name}, step {distiller.step}).") \
-                from None
-        done = distiller.step - first
-        eta = (time.monotonic() - started) / done * (config.steps - distiller.step)
-        job.progress(distiller.step, config.steps, loss, eta)
-        if job.save_every and distiller.step % job.save_every == 0 and distiller.step < config.steps:
-            _save(job, distiller, lora, config, arch)
-        if job.validate is not None and job.validate_every and distiller.step % job.validate_every == 0 \
-                and distiller.step < config.steps:
-            with torch.no_grad():
-                job.validate(distiller.step)
+                                      f"is {job.lora_path.name} and resume = true continues from here.") from None
     _save(job, distiller, lora, config, arch)
     if not all(math.isfinite(v) for v in distiller.losses):
         raise DistillDiverged("non-finite loss in the history")
