@@ -25,6 +25,8 @@ bench: setup
 	$(PY) bench/sampler_overhead.py
 	$(PY) scripts/parity_report.py
 	$(PY) bench/lora_load.py
+	$(PY) -m pip install --isolated -q -r requirements-bench.txt
+	$(PY) bench/distill_fidelity.py
 	$(PY) bench/distill_step.py
 
 parity: setup
