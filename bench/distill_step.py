@@ -492,9 +492,9 @@ def report(results, opts):
           "items interleaved, one fresh process per model and latent size")
     print()
     print("| model | latent (px) | batch | CFG | ckpt | t_fwd (ms) | student f+b (×fwd) | target (×fwd) "
-          "| floor counted / measured (×fwd) | floor (ms) | t_step (ms) | t_step (×fwd) | ratio | "
+          "| floor counted / measured (×fwd) | floor (ms) | t_step (ms) | t_step (×fwd) | ratio | ratio, target as t_fwd | "
           + ("peak GB (alloc / reserved) |" if cuda else "peak RSS +MB |"))
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     verdicts = []
     for res in results:
         fwd, tgt = res["fwd"], res["target"]
@@ -503,7 +503,7 @@ def report(results, opts):
                      f"| {s['cfg']} | {s['ckpt']} ")
             student = res["student"].get(s["ckpt"])
             if s["oom"] or s["step"] is None or student is None or fwd is None or tgt is None:
-                print(label + "| out of memory |" + " |" * 8)
+                print(label + "| out of memory |" + " |" * 9)
                 verdicts.append(False)
                 continue
             floor = student + (2 if s["cfg"] == "small" else 1) * fwd + tgt
@@ -512,7 +512,12 @@ def report(results, opts):
             mem = (f"{s['peak_mb'] / 1024:.1f} / {s['reserved_mb'] / 1024:.1f}" if cuda else f"{s['peak_mb']:.0f}")
             print(label + f"| {fwd * 1000:.1f} | {student / fwd:.2f} | {tgt / fwd:.2f} "
                   f"| {counting_floor(s['cfg'], s['ckpt'])} / {floor / fwd:.2f} | {floor * 1000:.0f} "
-                  f"| {s['step'] * 1000:.0f} | {s['step'] / fwd:.2f} | **{ratio:.3f}** | {mem} |")
+                  f"| {s['step'] * 1000:.0f} | {s['step'] / fwd:.2f} | **{ratio:.3f}** "
+                  f"| {s['step'] / (floor - tgt + fwd):.3f} | {mem} |")
+    print()
+    print("floor = t_student + (2 or 1)·t_fwd + t_target, t_target being the target's no-grad forward with the LoRA on "
+          "(the target is the student under stop-grad); the column after the ratio counts the target as a teacher "
+          "forward (t_fwd) instead, a floor that leaves the LoRA's cost in that call out.")
     print()
     print("Where a step's time goes (ms, median over the measured steps" + (", 2 extra synchronised steps" if cuda else "")
           + "): the model calls inside micro_loss, the rest of micro_loss (conditioning rows, data to the device, "
