@@ -21,7 +21,8 @@ Cells are mean ± half-range over the training seeds. Outputs: the tables on std
 bench_out/distill_fidelity.json (every number, per seed) and bench_out/distill_fidelity.png (a sample grid).
 
 Run: `make bench` (installs requirements-bench.txt), or .venv/bin/python bench/distill_fidelity.py
-[--quick] [--retrain] [--threads N]. --quick is a < 1 minute smoke run with tiny settings (numbers meaningless).
+[--quick] [--retrain] [--threads N]. --quick is a < 1 minute smoke run with tiny settings (numbers meaningless),
+written to bench_out/distill_fidelity_quick.{json,png}.
 """
 import argparse
 import hashlib
@@ -538,14 +539,15 @@ def main():
                  (f"teacher {cfg['reference_steps']}-step", reference[one_each])]
     grid_rows += [(f"{key[0]}: {key[1].split(' | ')[0]} {'edges' if 'edges' in key[1] else key[1].split(' | ')[1]} @{key[2]}", x[one_each])
                   for key, x in grid.items()]
-    save_grid(OUT_DIR / "distill_fidelity.png", grid_rows)
+    stem = "distill_fidelity_quick" if opts.quick else "distill_fidelity"  # a smoke run keeps the real results
+    save_grid(OUT_DIR / f"{stem}.png", grid_rows)
     timings["total"] = time.perf_counter() - wall
-    with open(OUT_DIR / "distill_fidelity.json", "w") as f:
+    with open(OUT_DIR / f"{stem}.json", "w") as f:
         json.dump({"config": cfg, "floors": floors, "teacher": teacher_info, "students": per_seed_info,
                    "results": {m: [{row: {str(n): v for n, v in r.items()} for row, r in seed_r.items()} for seed_r in per]
                                for m, per in results.items()},
                    "timings_s": timings}, f, indent=1)
-    print(f"\nwrote bench_out/distill_fidelity.json and bench_out/distill_fidelity.png; total wall time "
+    print(f"\nwrote bench_out/{stem}.json and bench_out/{stem}.png; total wall time "
           f"{timings['total']:.0f} s (teacher {timings['teacher']:.0f} s{' cached' if teacher_info['cached'] else ''}, "
           f"distillation {sum(timings['distill']):.0f} s, evaluation {timings['teacher_eval'] + sum(timings['student_eval']):.0f} s); "
           f"1-minute load average {load_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end")
