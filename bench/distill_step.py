@@ -45,14 +45,13 @@ import argparse
 import contextlib
 import json
 import os
-import pathlib
 import statistics
 import subprocess
 import sys
 import time
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-COMFY = pathlib.Path(os.environ.get("COMFYUI_PATH", ROOT / ".comfyui"))
+from bench_host import SDXL_UNET, reset_peak, start_comfy, status_kb
+
 GOAL = 1.10
 GPU_GOAL_GB = 24.0
 RANK, ALPHA = 16, 16.0
@@ -66,14 +65,6 @@ SD15_UNET = {
     "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], "use_temporal_attention": False,
     "use_temporal_resblock": False,
 }
-SDXL_UNET = {
-    "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True, "legacy": False,
-    "num_classes": "sequential", "adm_in_channels": 2816, "in_channels": 4, "model_channels": 320,
-    "num_res_blocks": [2, 2, 2], "transformer_depth": [0, 0, 2, 2, 10, 10], "channel_mult": [1, 2, 4],
-    "transformer_depth_middle": 10, "use_linear_in_transformer": True, "context_dim": 2048, "num_head_channels": 64,
-    "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10], "use_temporal_attention": False,
-    "use_temporal_resblock": False,
-}
 FULL_SIZE = {"sd15": (SD15_UNET, 768, None), "sdxl": (SDXL_UNET, 2048, 1280)}  # unet, context dim, pooled dim
 MODEL_LABELS = {"tiny-sd15": "tiny SD1.5 (26 M UNet)", "sd15": "SD1.5 (860 M UNet)", "sdxl": "SDXL (2.57 B UNet)"}
 CUDA_DEFAULTS = {"sd15": (64, 4), "sdxl": (128, 2)}  # latent side, batch: 512 px ×4, 1024 px ×2
@@ -83,18 +74,6 @@ PROMPTS = ["a photo of a cat", "a red bicycle leaning on a wall", "mountains at 
 
 
 # ---------------------------------------------------------------- child side (ComfyUI in this process)
-
-def start_comfy(cpu):
-    sys.path.insert(0, str(ROOT / "tests"))
-    sys.path.insert(0, str(COMFY))
-    import comfy.cli_args
-
-    import utils.install_util  # noqa: F401  (as main.py: ComfyUI's `utils` package before nodes puts comfy/ first)
-
-    comfy.cli_args.args.cpu = cpu  # before any other comfy module reads it
-    comfy.cli_args.args.disable_api_nodes = True
-    import conftest  # noqa: F401  (tests/conftest.py: imports the repo as package `fewstep`)
-
 
 def tiny_sd15(size, n, seed):
     """(patcher, LatentData) of the tiny SD1.5 checkpoint, prompts through its own CLIP, as the node's run()."""
@@ -174,14 +153,6 @@ def full_size(arch, size, n, device, dtype, seed):
 
 # ----- memory
 
-def _status_kb(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return 0
-
-
 class CpuMemory:
     """Peak RSS increase of one call: free heap back to the kernel, reset the peak mark, run, read VmHWM.
 
@@ -197,24 +168,15 @@ class CpuMemory:
             self._trim = ctypes.CDLL("libc.so.6").malloc_trim
         except OSError:
             self._trim = lambda pad: 0
-        self.can_reset = self._reset()
-
-    @staticmethod
-    def _reset():
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-            return True
-        except OSError:
-            return False
+        self.can_reset = reset_peak()
 
     def start(self):
         self._trim(0)
-        self._reset()
-        self.before_kb = _status_kb("VmRSS")
+        reset_peak()
+        self.before_kb = status_kb("VmRSS")
 
     def stop(self):
-        return {"peak_mb": (_status_kb("VmHWM") - self.before_kb) / 1024, "base_mb": self.before_kb / 1024}
+        return {"peak_mb": (status_kb("VmHWM") - self.before_kb) / 1024, "base_mb": self.before_kb / 1024}
 
 
 class CudaMemory:

@@ -19,43 +19,21 @@ Run: `make bench` (or .venv/bin/python bench/lora_load.py [--rounds N] [--thread
 import argparse
 import json
 import os
-import pathlib
 import statistics
 import subprocess
 import sys
 import time
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-COMFY = pathlib.Path(os.environ.get("COMFYUI_PATH", ROOT / ".comfyui"))
+from bench_host import ROOT, SDXL_UNET, reset_peak, start_comfy, status_kb
+
 LORA_PATH = ROOT / ".cache" / "bench_sdxl_rank64_lora.safetensors"
 LORA_FORMAT_VERSION = "1"  # bump when the generated file's contents change
 RANK = 64
 GOAL = 1.10
 
-# ComfyUI's SDXL UNet as model detection finds it in an SDXL checkpoint (comfy/model_detection.py, "SDXL").
-SDXL_UNET = {
-    "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True, "legacy": False,
-    "num_classes": "sequential", "adm_in_channels": 2816, "in_channels": 4, "model_channels": 320,
-    "num_res_blocks": [2, 2, 2], "transformer_depth": [0, 0, 2, 2, 10, 10], "channel_mult": [1, 2, 4],
-    "transformer_depth_middle": 10, "use_linear_in_transformer": True, "context_dim": 2048, "num_head_channels": 64,
-    "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10], "use_temporal_attention": False,
-    "use_temporal_resblock": False,
-}
 
 
 # ---------------------------------------------------------------- child side (ComfyUI in this process)
-
-def start_comfy():
-    sys.path.insert(0, str(ROOT / "tests"))
-    sys.path.insert(0, str(COMFY))
-    import comfy.cli_args
-
-    import utils.install_util  # noqa: F401  (as main.py: ComfyUI's `utils` package before nodes puts comfy/ first)
-
-    comfy.cli_args.args.cpu = True
-    comfy.cli_args.args.disable_api_nodes = True
-    import conftest  # noqa: F401  (tests/conftest.py: imports the repo as package `fewstep`)
-
 
 def meta_sdxl():
     """(ModelPatcher, comfy.sd.CLIP) of SDXL with every weight on the meta device."""
@@ -99,7 +77,7 @@ def lora_layers(model, clip):
 
 def make_lora(path):
     import torch
-    from safetensors.torch import save_file
+    from fewstep.distill.io import save_safetensors_atomic
 
     model, clip = meta_sdxl()
     gen = torch.Generator().manual_seed(0)
@@ -116,36 +94,12 @@ def make_lora(path):
         tensors[name + ".alpha"] = torch.tensor(float(RANK // 2), dtype=torch.float16)
     metadata = {"ss_network_module": "networks.lora", "ss_network_dim": str(RANK), "ss_network_alpha": str(RANK // 2),
                 "ss_base_model_version": "sdxl_base_v1-0", "fewstep_bench_version": LORA_FORMAT_VERSION}
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        save_file(tensors, str(tmp), metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    save_safetensors_atomic(tensors, path, metadata)
 
 
 def _rss_bytes():
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _status_kb(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return 0
-
-
-def _reset_peak():
-    """Set the kernel's peak-RSS mark (ru_maxrss) to the current RSS; False where the kernel refuses."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def _patched(patcher):
@@ -217,9 +171,9 @@ def child(loader, path, profile, threads):
     load = LOADERS[loader][1]
     warm_page_cache(path)  # again here: other processes on the machine may have pushed it out since the parent's read
     rss_before = _rss_bytes()
-    anon_before_kb, file_before_kb = _status_kb("RssAnon"), _status_kb("RssFile")
+    anon_before_kb, file_before_kb = status_kb("RssAnon"), status_kb("RssFile")
     maxrss_before_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    peak_reset = _reset_peak()
+    peak_reset = reset_peak()
     if profile:
         import cProfile
         import pstats
@@ -237,8 +191,8 @@ def child(loader, path, profile, threads):
     result = {
         "loader": loader, "seconds": seconds, "peak_mb": (maxrss_after_kb * 1024 - rss_before) / 2 ** 20,
         "rss_before_mb": rss_before / 2 ** 20, "maxrss_before_mb": maxrss_before_kb / 1024, "peak_reset": peak_reset,
-        "anon_grew_mb": (_status_kb("RssAnon") - anon_before_kb) / 1024,
-        "file_grew_mb": (_status_kb("RssFile") - file_before_kb) / 1024,
+        "anon_grew_mb": (status_kb("RssAnon") - anon_before_kb) / 1024,
+        "file_grew_mb": (status_kb("RssFile") - file_before_kb) / 1024,
         "stages": dict(STAGES), "model_layers": _patched(new_model), "clip_layers": _patched(new_clip.patcher),
         "unet_params": sum(p.numel() for p in model.model.diffusion_model.parameters()),
         "clip_params": sum(p.numel() for p in clip.cond_stage_model.parameters()),
