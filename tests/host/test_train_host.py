@@ -15,11 +15,11 @@ import torch
 from safetensors.torch import save_file
 
 from support.log_capture import captured_log
+from support.tiny_models import LATENT_CHANNELS, seeded_conditioning
 
 from fewstep.distill.lora import LoraSet
 
 ARCHS = ["sd15", "sdxl", "sd3", "flux"]
-CHANNELS = {"sd15": 4, "sdxl": 4, "sd3": 16, "flux": 16}
 LATENT_HW = (8, 8)
 LONG_PROMPT = " ".join(["a fox in the snow"] * 20)  # > 75 CLIP tokens: a 154-token conditioning
 
@@ -63,11 +63,9 @@ def arch_conds(models, th):
                 made[arch] = tuple(th.encode_prompts(clip, ["a red fox, photograph", LONG_PROMPT]))
             else:  # what CLIPTextEncode gives (context, pooled_output), seeded and short; SDXL's b with CLIPTextEncodeSDXL sizes
                 g = torch.Generator().manual_seed(3)
-                width, pooled = {"sdxl": (2048, 1280), "sd3": (4096, 2048), "flux": (4096, 768)}[arch]
 
                 def cond(tokens, extra):
-                    return [[torch.randn(1, tokens, width, generator=g),
-                             {"pooled_output": torch.randn(1, pooled, generator=g), **extra}]]
+                    return seeded_conditioning(arch, tokens, g, extra)
 
                 extra_b = {"sdxl": {"width": 1024, "height": 768, "crop_w": 16, "crop_h": 0, "target_width": 896,
                                     "target_height": 640},
@@ -117,7 +115,7 @@ def sampled(model, conditionings, x, sigma):
 
 
 def latents(arch, batch, seed):
-    return torch.randn((batch, CHANNELS[arch]) + LATENT_HW, generator=torch.Generator().manual_seed(seed))
+    return torch.randn((batch, LATENT_CHANNELS[arch]) + LATENT_HW, generator=torch.Generator().manual_seed(seed))
 
 
 def rel_err(a, b):
@@ -132,7 +130,7 @@ def test_denoiser_and_conditioning_equal_sampling(arch, models, arch_conds, th):
     load(model)
     denoise = th.training_denoiser(model)
     table, _ = th.training_sigmas(model)
-    shape = (2, CHANNELS[arch]) + LATENT_HW
+    shape = (2, LATENT_CHANNELS[arch]) + LATENT_HW
 
     # Same x and σ for two conditionings: sampling runs both in one batch-2 forward, rows in the order it recorded.
     x1, s1 = latents(arch, 1, 0) * 2.0, table[len(table) * 3 // 5].reshape(1)
@@ -188,7 +186,7 @@ def test_lora_set_equals_core_lora_loading_and_the_student(arch, models, arch_co
     load(model)
     denoise = th.training_denoiser(model)
     table, _ = th.training_sigmas(model)
-    batch = th.conditioning_batch(model, [cond_a, cond_b], (2, CHANNELS[arch]) + LATENT_HW)
+    batch = th.conditioning_batch(model, [cond_a, cond_b], (2, LATENT_CHANNELS[arch]) + LATENT_HW)
     sigma = torch.stack([table[len(table) // 4], table[len(table) * 3 // 4]])
     x = latents(arch, 2, 2) * sigma.view(-1, 1, 1, 1)
 
@@ -257,7 +255,7 @@ def test_checkpointed_blocks_give_the_same_gradients(arch, models, arch_conds, t
     load(model)
     denoise = th.training_denoiser(model)
     table, _ = th.training_sigmas(model)
-    batch = th.conditioning_batch(model, list(arch_conds(arch)), (2, CHANNELS[arch]) + LATENT_HW)
+    batch = th.conditioning_batch(model, list(arch_conds(arch)), (2, LATENT_CHANNELS[arch]) + LATENT_HW)
     sigma = torch.stack([table[len(table) // 10], table[len(table) * 7 // 10]])
     x = latents(arch, 2, 4) * sigma.view(-1, 1, 1, 1)
     lora = LoraSet(model.model.diffusion_model, th.lora_target_names(model), rank=4, alpha=4.0, seed=5)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from support.log_capture import captured_log
+from support.tiny_models import LATENT_CHANNELS, seeded_conditioning
 
 NODE = "FewStepPCMDistill"
 SMALL = dict(steps=4, phases=2, ddim_timesteps=10, batch_size=2, grad_accumulation=1, learning_rate=1e-3, rank=4,
@@ -190,10 +191,6 @@ def test_validate_inputs_names_the_problem(comfy_host):
     assert cls.validate_inputs(output_name="mine/pcm_4step", phases=4, ddim_timesteps=50) is True
 
 
-CHANNELS = {"sdxl": 4, "sd3": 16, "flux": 16}
-CONTEXT = {"sdxl": (2048, 1280), "sd3": (4096, 2048), "flux": (4096, 768)}  # (context width, pooled width)
-
-
 @pytest.mark.parametrize("arch", ["sdxl", "sd3", "flux"])
 def test_each_architecture_trains_and_loads_in_core(arch, comfy_host, run_node, arch_models):
     """The smallest models ComfyUI's detection allows; conditioning shaped as CLIPTextEncode gives it, seeded."""
@@ -205,12 +202,11 @@ def test_each_architecture_trains_and_loads_in_core(arch, comfy_host, run_node, 
     else:
         model = arch_models(arch)[0]
     g = torch.Generator().manual_seed(9)
-    width, pooled = CONTEXT[arch]
 
     def cond():
-        return [[torch.randn(1, 8, width, generator=g), {"pooled_output": torch.randn(1, pooled, generator=g)}]]
+        return seeded_conditioning(arch, 8, g)
 
-    latents = {"samples": torch.randn(2, CHANNELS[arch], 8, 8, generator=g)}
+    latents = {"samples": torch.randn(2, LATENT_CHANNELS[arch], 8, 8, generator=g)}
     name = f"t_arch_{arch}"
     with captured_log(logging.WARNING) as log:
         student, lora_name, _, validation = train(run_node, model, latents, cond(), cond(), name, steps=2, rank=2)

@@ -102,6 +102,19 @@ else:  # run as a script
     from support.tiny_checkpoint import _REPO_ROOT, _import_comfy, _meta_shapes, save_atomic
 
 FORMAT_VERSION = "1"
+LATENT_CHANNELS = {"sd15": 4, "sdxl": 4, "sd3": 16, "flux": 16}
+TEXT_WIDTHS = {"sdxl": (2048, 1280), "sd3": (4096, 2048), "flux": (4096, 768)}  # (context, pooled_output) widths
+
+
+def seeded_conditioning(arch, tokens, generator, extra=None):
+    """A CONDITIONING shaped as CLIPTextEncode gives it for `arch` (context + pooled_output), drawn from `generator`:
+    the big models' text encoders are not needed to train or sample their tiny UNet/DiT."""
+    import torch
+
+    width, pooled = TEXT_WIDTHS[arch]
+    return [[torch.randn(1, tokens, width, generator=generator),
+             {"pooled_output": torch.randn(1, pooled, generator=generator), **(extra or {})}]]
+
 
 SDXL_UNET_CONFIG = {
     "image_size": 32,
