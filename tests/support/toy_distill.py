@@ -98,3 +98,8 @@ if __name__ == "__main__":
                        sys.argv[1])
     finally:
         dist.destroy_process_group()
+    # torch 2.13's gloo backend leaves a C++ thread that aborts interpreter shutdown in ~1 of 20 runs
+    # ("terminate called without an active exception", after all Python code has run): skip that teardown
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
