@@ -46,6 +46,8 @@ def parse_args(argv=None):
     p.add_argument("--huber-c", type=float, default=0.001)
     p.add_argument("--ema-decay", type=float, default=0.0, help="EMA target (0: the student under stop-grad)")
     p.add_argument("--warmup-steps", type=int, default=0)
+    p.add_argument("--adversarial-weight", type=float, default=0.0,
+                   help="PCM's optional adversarial loss on the teacher's UNet features (reference 0.1; 0 = off)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--precision", choices=tuple(PRECISIONS), default="bf16")
     p.add_argument("--no-gradient-checkpointing", action="store_true")
@@ -175,7 +177,8 @@ def train(args, output, rank):
         phases=args.phases, ddim_timesteps=args.ddim_timesteps, steps=args.steps, batch_size=args.batch_size,
         grad_accumulation=args.grad_accumulation, learning_rate=args.learning_rate, cfg_mode=args.cfg_mode,
         w_min=args.w_min, w_max=args.w_max, huber_c=args.huber_c, precision=args.precision, seed=args.seed,
-        ema_decay=args.ema_decay, warmup_steps=args.warmup_steps, deterministic=True)
+        ema_decay=args.ema_decay, warmup_steps=args.warmup_steps,
+        adversarial_weight=args.adversarial_weight, deterministic=True)
     stop = {"now": False}
     signal.signal(signal.SIGINT, lambda *_: stop.update(now=True))
 

@@ -33,6 +33,7 @@ import comfy.patcher_extension
 import comfy.sampler_helpers
 import comfy.samplers
 import comfy.utils
+from comfy.ldm.modules.diffusionmodules.openaimodel import Downsample, ResBlock
 
 from ..distill.lora import lora_targets
 from ..loras.formats import parse_lora, read_lora_file
@@ -340,6 +341,27 @@ def checkpoint_blocks(patcher) -> list:
         return list(dm.joint_blocks)
     _guard_flux_inplace_adds(patcher)  # before anyone wraps the blocks
     return list(dm.double_blocks) + list(dm.single_blocks)
+
+
+def adversarial_features(patcher):
+    """(modules, channels): where the adversarial term's discriminator heads read the teacher's features.
+
+    UNets: the encoder at every resolution — each Downsample of input_blocks (the level's features as they leave
+    it) and the middle block's last ResBlock (the lowest level) — the encoder-as-discriminator layout of the PCM
+    and latent adversarial references. Layers inside the blocks, since the UNet calls those (see checkpoint_blocks).
+    SD3 and FLUX would need their token streams reshaped to maps: refused with the fix, not silently skipped."""
+    arch = _supported_arch(patcher)
+    if arch not in UNET_ARCHS:
+        raise ValueError(f"The adversarial term is available for UNet models (SD1.5, SD2, SDXL), not {arch}: set "
+                         "adversarial_weight to 0 to train this model without it.")
+    dm = patcher.model.diffusion_model
+    modules = [layer for seq in dm.input_blocks for layer in seq if isinstance(layer, Downsample)]
+    if dm.middle_block is not None and isinstance(dm.middle_block[-1], ResBlock):
+        modules.append(dm.middle_block[-1])
+    if not modules:
+        raise ValueError("This UNet has no downsampling levels or middle block to read features from: set "
+                         "adversarial_weight to 0.")
+    return modules, [m.out_channels for m in modules]
 
 
 # ---------------------------------------------------------------- previews and the student

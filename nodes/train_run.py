@@ -15,6 +15,7 @@ from typing import Callable, Optional
 import torch
 
 from .. import __version__
+from ..distill.adversarial import AdversarialTerm, HookedFeatures
 from ..distill.engine import DistillConfig, DistillDiverged, Distiller, GradientCheckpointing, LatentData
 from ..distill.io import load_safetensors, save_safetensors_atomic
 from ..distill.lora import LoraSet
@@ -98,6 +99,7 @@ def run(job: TrainJob) -> TrainResult:
     config.flow = kind == "flow"
     config.check(len(job.latents))
     arch = model_arch(job.model)
+    feature_modules = train_host.adversarial_features(job.model) if config.adversarial_weight > 0 else None
     with torch.inference_mode(False):
         mm.load_models_gpu([job.model], force_full_load=True)
         base = job.model.model
@@ -111,8 +113,11 @@ def run(job: TrainJob) -> TrainResult:
                        seed=config.seed)
         checkpointing = GradientCheckpointing(train_host.checkpoint_blocks(job.model), lora=lora) \
             if job.gradient_checkpointing else None
+        features = HookedFeatures(denoise, feature_modules[0]) if feature_modules else None
         try:
-            distiller = Distiller(config, denoise, lora, data, sigmas, device=job.model.load_device)
+            adversarial = AdversarialTerm(features, feature_modules[1], seed=config.seed) if features else None
+            distiller = Distiller(config, denoise, lora, data, sigmas, device=job.model.load_device,
+                                  adversarial=adversarial)
             resumed_from = 0
             if job.resume and job.state_path.is_file():
                 distiller.load_state(*load_safetensors(job.state_path))
@@ -127,6 +132,8 @@ def run(job: TrainJob) -> TrainResult:
                 raise RuntimeError(oom_message(job, error)) from None
             raise
         finally:
+            if features is not None:
+                features.remove()
             if checkpointing is not None:
                 checkpointing.remove()
             lora.remove()

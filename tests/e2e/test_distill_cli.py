@@ -85,3 +85,15 @@ def test_bad_arguments_exit_with_the_reason(workspace, tmp_path):
               str(tmp_path / "x.safetensors"), *ARGS, "--batch-size", "8")  # the last one wins: 8 > 4 images
     assert run.returncode != 0 and "batch_size (8) is larger than the data (4 latents)" in run.stderr
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_adversarial_weight_switches_the_term_on(workspace, tmp_path):
+    from fewstep.distill.io import load_safetensors
+
+    out = tmp_path / "adv.safetensors"
+    run = cli(workspace, "--checkpoint", str(cached_tiny_sd15()), "--images", str(workspace / "images"), "--output",
+              str(out), *ARGS, "--steps", "2", "--adversarial-weight", "0.1")
+    assert run.returncode == 0, run.stderr[-3000:]
+    tensors, meta = load_safetensors(out.with_name("adv.state.safetensors"))
+    assert tensors["adv.history"].shape == (2, 2) and torch.isfinite(tensors["adv.history"]).all()
+    assert '"adversarial_weight": 0.1' in meta["config"]

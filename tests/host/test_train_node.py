@@ -217,3 +217,60 @@ def test_each_architecture_trains_and_loads_in_core(arch, comfy_host, run_node, 
     assert len(core.patches) == len(student.patches) == len(tensors) // 3
     assert validation.shape[0] == 3 and torch.isfinite(validation).all()
     assert all(torch.isfinite(v) for v in state_of(comfy_host, name)[0]["losses"])
+
+
+def test_adversarial_term_trains_resumes_exactly_and_leaves_no_hooks(comfy_host, run_node, tiny_models, data):
+    """adversarial_weight > 0: discriminator heads on the teacher's UNet encoder features (with checkpointing on)."""
+    from fewstep.nodes.train_host import adversarial_features
+
+    latents, positive, empty = data
+    modules, channels = adversarial_features(tiny_models.model)
+    dm = tiny_models.model.model.diffusion_model
+    assert modules[-1] is dm.middle_block[-1] and channels[-1] == dm.middle_block[-1].out_channels  # one level here
+    train(run_node, tiny_models.model, latents, positive, empty, "t_adv_off", steps=4)
+    train(run_node, tiny_models.model, latents, positive, empty, "t_adv", steps=4, adversarial_weight=0.1)
+    tensors, meta = state_of(comfy_host, "t_adv")
+    history = tensors["adv.history"]
+    assert history.shape == (4, 2) and torch.isfinite(history).all() and (history[:, 1] > 0).all()  # [G, D] per step
+    off, on = read_lora(comfy_host, "t_adv_off")[0], read_lora(comfy_host, "t_adv")[0]
+    assert any(not torch.equal(off[k], on[k]) for k in off)  # the G loss moved the LoRA
+    assert '"adversarial_weight": 0.1' in read_lora(comfy_host, "t_adv")[1]["fewstep.config"]
+    assert not any(m._forward_hooks for m in dm.modules())  # feature hooks removed with the LoRA's
+    # half, then resume: LoRA, heads and their optimiser as in the straight run
+    train(run_node, tiny_models.model, latents, positive, empty, "t_adv_resumed", steps=2, adversarial_weight=0.1)
+    train(run_node, tiny_models.model, latents, positive, empty, "t_adv_resumed", steps=4, adversarial_weight=0.1,
+          resume=True)
+    resumed_tensors = state_of(comfy_host, "t_adv_resumed")[0]
+    assert all(torch.equal(tensors[k], resumed_tensors[k]) for k in tensors if k.startswith(("param.", "adv.")))
+    assert all(torch.equal(on[k], v) for k, v in read_lora(comfy_host, "t_adv_resumed")[0].items())
+    with pytest.raises(ValueError, match=r"other settings \(adversarial_weight 0.0 → 0.1\)"):
+        train(run_node, tiny_models.model, latents, positive, empty, "t_adv_off", steps=6, adversarial_weight=0.1,
+              resume=True)
+
+
+@pytest.mark.parametrize("arch", ["sdxl", "sd3", "flux"])
+def test_adversarial_term_per_architecture(arch, comfy_host, run_node, arch_models):
+    """UNets (SDXL) train with it; SD3 and FLUX refuse it by name before anything is loaded or written."""
+    if arch == "sdxl":
+        import comfy.sd
+        from support.tiny_models import cached_tiny_sdxl_unet
+
+        model = comfy.sd.load_diffusion_model(str(cached_tiny_sdxl_unet()))
+    else:
+        model = arch_models(arch)[0]
+    g = torch.Generator().manual_seed(11)
+    latents = {"samples": torch.randn(2, LATENT_CHANNELS[arch], 8, 8, generator=g)}
+    cond, uncond = seeded_conditioning(arch, 8, g), seeded_conditioning(arch, 8, g)
+    name = f"t_adv_{arch}"
+    if arch != "sdxl":
+        with pytest.raises(ValueError, match=r"adversarial term is available for UNet models .*set adversarial_weight"
+                                             r" to 0"):
+            train(run_node, model, latents, cond, uncond, name, steps=1, rank=2, adversarial_weight=0.1)
+        assert not lora_file(comfy_host, name).exists()
+        return
+    from fewstep.nodes.train_host import adversarial_features
+
+    assert len(adversarial_features(model)[0]) >= 2  # a Downsample per level but the last, and the middle block
+    train(run_node, model, latents, cond, uncond, name, steps=2, rank=2, adversarial_weight=0.1)
+    history = state_of(comfy_host, name)[0]["adv.history"]
+    assert history.shape == (2, 2) and torch.isfinite(history).all()
