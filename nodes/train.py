@@ -140,6 +140,12 @@ class PCMDistill(io.ComfyNode):
                 io.String.Input("prompts", optional=True, multiline=True, default="",
                                 tooltip="With clip: one prompt per line, one per latent or a single shared line."),
                 io.Vae.Input("vae", optional=True, tooltip="Decodes the validation images (else a latent preview)."),
+                io.Int.Input("warmup_steps", default=0, min=0, max=1_000_000, optional=True,
+                             tooltip="Raise the learning rate linearly over the first N steps (PCM scripts: 500). "
+                                     "0 = full rate from the start."),
+                io.Float.Input("ema_decay", default=0.0, min=0.0, max=0.9999, step=0.0001, round=0.0001, optional=True,
+                               tooltip="Target network: an EMA of the LoRA with this decay (e.g. 0.95), or 0 = the "
+                                       "student itself under stop-grad (the PCM/LCM-LoRA scripts' setting)."),
                 io.Float.Input("adversarial_weight", default=0.0, min=0.0, max=10.0, step=0.01, optional=True,
                                tooltip="Weight of PCM's optional adversarial loss (reference 0.1): discriminator heads "
                                        "on the frozen teacher's UNet features, hinge loss. 0 = off. SD1.5/SD2/SDXL "
@@ -173,7 +179,7 @@ class PCMDistill(io.ComfyNode):
     def execute(cls, model, latents, output_name, steps, phases, ddim_timesteps, batch_size, grad_accumulation,
                 learning_rate, rank, alpha, cfg_mode, w_min, w_max, huber_c, seed, precision, gradient_checkpointing,
                 save_every, validate_every, resume, positive=None, negative=None, clip=None, prompts="",
-                vae=None, adversarial_weight=0.0) -> io.NodeOutput:
+                vae=None, warmup_steps=0, ema_decay=0.0, adversarial_weight=0.0) -> io.NodeOutput:
         samples = latents["samples"] if isinstance(latents, dict) else None
         if samples is None or samples.ndim != 4 or samples.shape[0] == 0:
             raise ValueError("latents is empty: connect a batch of latents (e.g. VAE Encode of your images).")
@@ -188,7 +194,8 @@ class PCMDistill(io.ComfyNode):
             phases=phases, ddim_timesteps=ddim_timesteps, steps=steps, batch_size=batch_size,
             grad_accumulation=grad_accumulation, learning_rate=learning_rate, cfg_mode=cfg_mode, w_min=w_min,
             w_max=w_max, huber_c=huber_c, precision=precision, seed=seed % (2 ** 63),
-            adversarial_weight=adversarial_weight, deterministic=True)
+            warmup_steps=warmup_steps, ema_decay=ema_decay, adversarial_weight=adversarial_weight,
+            deterministic=True)
         node_id = cls.hidden.unique_id if cls.hidden is not None else None
         bar = comfy.utils.ProgressBar(steps)
         validation_cfg = 1.0 if cfg_mode == "small" else 3.0

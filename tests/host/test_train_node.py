@@ -274,3 +274,21 @@ def test_adversarial_term_per_architecture(arch, comfy_host, run_node, arch_mode
     train(run_node, model, latents, cond, uncond, name, steps=2, rank=2, adversarial_weight=0.1)
     history = state_of(comfy_host, name)[0]["adv.history"]
     assert history.shape == (2, 2) and torch.isfinite(history).all()
+
+
+def test_warmup_and_ema_target_are_node_settings_and_resume_exactly(comfy_host, run_node, tiny_models, data):
+    latents, positive, empty = data
+    extra = dict(warmup_steps=2, ema_decay=0.9)
+    train(run_node, tiny_models.model, latents, positive, empty, "t_plain3", steps=3)
+    train(run_node, tiny_models.model, latents, positive, empty, "t_ema", steps=3, **extra)
+    tensors, meta = state_of(comfy_host, "t_ema")
+    assert '"ema_decay": 0.9' in meta["config"] and '"warmup_steps": 2' in meta["config"]
+    params = [k for k in tensors if k.startswith("param.")]
+    assert len(params) > 0 and all(f"ema.{k[len('param.'):]}" in tensors for k in params)
+    assert any(not torch.equal(tensors[k], tensors[f"ema.{k[len('param.'):]}"]) for k in params)  # EMA lags
+    plain = read_lora(comfy_host, "t_plain3")[0]
+    assert any(not torch.equal(plain[k], v) for k, v in read_lora(comfy_host, "t_ema")[0].items())
+    train(run_node, tiny_models.model, latents, positive, empty, "t_ema_resumed", steps=1, **extra)
+    train(run_node, tiny_models.model, latents, positive, empty, "t_ema_resumed", steps=3, resume=True, **extra)
+    resumed = state_of(comfy_host, "t_ema_resumed")[0]
+    assert all(torch.equal(tensors[k], resumed[k]) for k in tensors if k.startswith(("param.", "ema.", "optim.")))
