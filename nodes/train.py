@@ -149,7 +149,7 @@ class PCMDistill(io.ComfyNode):
                 io.Float.Input("adversarial_weight", default=0.0, min=0.0, max=10.0, step=0.01, optional=True,
                                tooltip="Weight of PCM's optional adversarial loss (reference 0.1): discriminator heads "
                                        "on the frozen teacher's UNet features, hinge loss. 0 = off. SD1.5/SD2/SDXL "
-                                       "only; costs two more teacher forwards per step."),
+                                       "only; about doubles the step time."),
             ],
             outputs=[
                 io.Model.Output(display_name="student", tooltip="The teacher with the trained LoRA applied."),
