@@ -13,5 +13,5 @@ from .engine import DistillConfig, DistillDiverged, Distiller, GradientCheckpoin
 from .lora import LoraSet, lora_targets
 from .phased_loss import PhasedTargets, pcm_loss, pseudo_huber, sample_phased_targets
 
-__all__ = ["AdversarialTerm", "DiscriminatorHeads", "HookedFeatures", "DistillConfig", "DistillDiverged", "Distiller", "GradientCheckpointing", "LatentData", "LoraSet",
-           "PhasedTargets", "lora_targets", "pcm_loss", "pseudo_huber", "sample_phased_targets"]
+__all__ = ["AdversarialTerm", "DiscriminatorHeads", "HookedFeatures", "DistillConfig", "DistillDiverged", "Distiller",
+           "GradientCheckpointing", "LatentData", "LoraSet", "PhasedTargets", "lora_targets", "pcm_loss", "pseudo_huber", "sample_phased_targets"]

@@ -28,6 +28,11 @@ VALIDATION_STEPS = (1, 2, 4)
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.+-]*(/[A-Za-z0-9][A-Za-z0-9 _.+-]*)*$")
 
 
+def loras_root() -> pathlib.Path:
+    """The folder trained LoRAs go to: the first models/loras path."""
+    return pathlib.Path(folder_paths.get_folder_paths("loras")[0]).resolve()
+
+
 def lora_output_path(output_name: str) -> pathlib.Path:
     """models/loras/<output_name>.safetensors; names that would leave models/loras are refused."""
     name = (output_name or "").strip()
@@ -36,7 +41,7 @@ def lora_output_path(output_name: str) -> pathlib.Path:
     if not NAME_PATTERN.match(name) or ".." in name.split("/"):
         raise ValueError(f"output_name {output_name!r} is not a plain file name inside models/loras: use letters, "
                          "digits, space, _ . + - and optionally sub/folders, no '..' and no absolute path.")
-    root = pathlib.Path(folder_paths.get_folder_paths("loras")[0]).resolve()
+    root = loras_root()
     path = (root / (name + ".safetensors")).resolve()
     if root not in path.parents:
         raise ValueError(f"output_name {output_name!r} leaves models/loras.")
@@ -55,8 +60,7 @@ def check_writable(folder: pathlib.Path):
 
 
 def state_path_for(lora_path: pathlib.Path) -> pathlib.Path:
-    root = pathlib.Path(folder_paths.get_folder_paths("loras")[0]).resolve()
-    relative = lora_path.relative_to(root).with_suffix("")
+    relative = lora_path.relative_to(loras_root()).with_suffix("")
     return pathlib.Path(folder_paths.get_output_directory()) / "fewstep_training" / relative / "state.safetensors"
 
 
@@ -229,7 +233,7 @@ class PCMDistill(io.ComfyNode):
             raise comfy.model_management.InterruptProcessingException() from None  # the host's "interrupted" status
         except DistillDiverged as error:
             raise RuntimeError(str(error)) from None
-        relative = lora_path.relative_to(pathlib.Path(folder_paths.get_folder_paths("loras")[0]).resolve())
+        relative = lora_path.relative_to(loras_root())
         student = train_host.student_model(model, str(lora_path), relative.as_posix())
         with torch.inference_mode(False), torch.no_grad():
             images = validation_images(student, positive[0], negative, (1,) + tuple(samples.shape[1:]), phases,

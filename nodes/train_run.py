@@ -99,7 +99,8 @@ def run(job: TrainJob) -> TrainResult:
     config.flow = kind == "flow"
     config.check(len(job.latents))
     arch = model_arch(job.model)
-    feature_modules = train_host.adversarial_features(job.model) if config.adversarial_weight > 0 else None
+    feature_modules, feature_channels = (train_host.adversarial_features(job.model) if config.adversarial_weight > 0
+                                         else (None, None))
     with torch.inference_mode(False):
         mm.load_models_gpu([job.model], force_full_load=True)
         base = job.model.model
@@ -113,9 +114,9 @@ def run(job: TrainJob) -> TrainResult:
                        seed=config.seed)
         checkpointing = GradientCheckpointing(train_host.checkpoint_blocks(job.model), lora=lora) \
             if job.gradient_checkpointing else None
-        features = HookedFeatures(denoise, feature_modules[0]) if feature_modules else None
+        features = HookedFeatures(denoise, feature_modules) if feature_modules else None
         try:
-            adversarial = AdversarialTerm(features, feature_modules[1], seed=config.seed) if features else None
+            adversarial = AdversarialTerm(features, feature_channels, seed=config.seed) if features else None
             distiller = Distiller(config, denoise, lora, data, sigmas, device=job.model.load_device,
                                   adversarial=adversarial)
             resumed_from = 0

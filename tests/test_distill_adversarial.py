@@ -12,7 +12,7 @@ import fewstep.distill.engine as engine
 from fewstep.distill import Distiller, GradientCheckpointing
 from fewstep.distill.adversarial import DiscriminatorHeads, d_hinge_loss, renoise
 from fewstep.distill.phased_loss import pseudo_huber
-from support.toy_distill import VP, TinyEpsNet, base_state, make_setup, run_steps, toy_adversarial, vp_denoise
+from support.toy_distill import VP, TinyEpsNet, advance, base_state, make_setup, run_steps, toy_adversarial, vp_denoise
 
 WEIGHT = 0.1
 
@@ -24,12 +24,7 @@ def adversarial_setup(lr=1e-5, **overrides):
 
 
 def adversarial_steps(steps, resume_from=None, **overrides):
-    _, _, distiller = adversarial_setup(**overrides)
-    if resume_from is not None:
-        distiller.load_state(*resume_from)
-    for _ in range(steps):
-        distiller.train_step()
-    return distiller
+    return advance(adversarial_setup(**overrides)[2], steps, resume_from)
 
 
 def test_switch_off_is_the_plain_engine():

@@ -3,7 +3,6 @@
 Run as a script under torchrun it is the data-parallel worker: 3 steps of the same set-up, rank 0 saves the
 LoRA parameters and losses to argv[1].
 """
-import os
 import pathlib
 import socket
 import sys
@@ -70,14 +69,18 @@ def base_state(net):
     return {k: v.clone() for k, v in net.state_dict().items()}
 
 
-def run_steps(steps, seed=0, resume_from=None, **overrides):
-    net, lora, data, config = make_setup(seed=seed, **overrides)
-    distiller = Distiller(config, vp_denoise(net), lora, data, VP.sigmas)
+def advance(distiller, steps, resume_from=None):
+    """Optionally resume `distiller` from (tensors, meta), then take `steps` optimiser steps."""
     if resume_from is not None:
         distiller.load_state(*resume_from)
     for _ in range(steps):
         distiller.train_step()
     return distiller
+
+
+def run_steps(steps, seed=0, resume_from=None, **overrides):
+    net, lora, data, config = make_setup(seed=seed, **overrides)
+    return advance(Distiller(config, vp_denoise(net), lora, data, VP.sigmas), steps, resume_from)
 
 
 def free_port():
@@ -89,6 +92,8 @@ def free_port():
 if __name__ == "__main__":
     import torch.distributed as dist
 
+    from fewstep.distill.cli import exit_without_teardown
+
     dist.init_process_group("gloo")
     try:
         torch.set_num_threads(1)
@@ -98,8 +103,4 @@ if __name__ == "__main__":
                        sys.argv[1])
     finally:
         dist.destroy_process_group()
-    # torch 2.13's gloo backend leaves a C++ thread that aborts interpreter shutdown in ~1 of 20 runs
-    # ("terminate called without an active exception", after all Python code has run): skip that teardown
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    exit_without_teardown(0)  # as the CLI's workers do (see distill/cli.py)
