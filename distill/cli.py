@@ -53,6 +53,9 @@ def parse_args(argv=None):
     p.add_argument("--no-gradient-checkpointing", action="store_true")
     p.add_argument("--save-every", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from the saved state beside --output")
+    p.add_argument("--virtual-ranks", type=int, default=1,
+                   help="compute N data-parallel ranks' slices in this one process and average them as torchrun's "
+                        "all-reduce does: N = 2 reproduces a 2-process run bit for bit (a check, not a speed-up)")
     return p.parse_args(argv)
 
 
@@ -202,7 +205,8 @@ def train(args, output, rank):
     job = TrainJob(model=model, latents=latents, positive=positive, negative=negative, config=config, rank=args.rank,
                    alpha=args.alpha, lora_path=output, state_path=state,
                    gradient_checkpointing=not args.no_gradient_checkpointing, save_every=args.save_every,
-                   resume=args.resume, progress=progress, interrupted=lambda: stop["now"], writer=rank == 0)
+                   resume=args.resume, progress=progress, interrupted=lambda: stop["now"], writer=rank == 0,
+                   virtual_ranks=args.virtual_ranks)
     try:
         result = run(job)
     except TrainingInterrupted as error:

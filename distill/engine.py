@@ -4,11 +4,17 @@
 the network behind `denoise(x, σ[B], cond) -> D`). The teacher is the same network with the LoRA off and the
 target is the student under stop-grad (or its EMA), so the base weights exist once in memory.
 
-Every random draw (samples, grid indices, guidance w, noise, empty-prompt dropout, flips) comes from one CPU
+Every random draw (samples, grid indices, guidance w, noise, empty-prompt dropout) comes from one CPU
 generator seeded by `config.seed` and is made for the whole global batch, so a run is reproducible on any
 device and a data-parallel run (torch.distributed: each rank takes its slice of the global batch, gradients are
 averaged with all_reduce) computes the same update as one process. The generator's state is part of the
 training state, so a resumed run continues exactly where an uninterrupted one would be.
+
+What data parallelism guarantees is the same loss and the same averaged gradient up to float rounding (a batch
+of 4 and two batches of 2 sum in different orders); AdamW's first steps turn rounding-level differences on
+near-zero gradients into ±lr moves, so trained weights need not agree to the bit. `virtual_ranks=N` computes N
+ranks' slices in one process, one after the other, and sums their gradients in the all-reduce's order: with
+N = 2 it matches a 2-process run bit for bit, which is how the tests check the data-parallel path.
 """
 import contextlib
 import json
@@ -49,7 +55,6 @@ class DistillConfig:
     huber_c: float = 0.001
     precision: str = "fp32"         # autocast dtype of the forwards: fp32, bf16, or fp16 (with a gradient scaler)
     ema_decay: float = 0.0          # 0: the target is the student itself (the reference LoRA setting)
-    hflip_prob: float = 0.0         # random horizontal flips of the latents (kornia)
     flow: bool = False              # rectified-flow model (SD3, FLUX): Euler solver instead of DDIM
     adversarial_weight: float = 0.0  # weight of the adversarial G loss (reference 0.1); 0 = off
     seed: int = 0
@@ -141,11 +146,8 @@ class LatentData:
     def __len__(self):
         return len(self.latents)
 
-    def batch(self, index, empty, flip):
+    def batch(self, index, empty):
         x0 = self.latents[index]
-        if flip.any():
-            import kornia
-            x0 = torch.where(flip.reshape((-1,) + (1,) * (x0.ndim - 1)), kornia.geometry.transform.hflip(x0), x0)
         cond, uncond = _rows(self.cond, index), _rows(self.uncond, index)
         if empty.any():
             cond = _where_rows(empty, uncond, cond)
@@ -160,7 +162,6 @@ class Draw:
     w: torch.Tensor
     noise: torch.Tensor
     empty: torch.Tensor
-    flip: torch.Tensor
     adv_offset: torch.Tensor = None      # adversarial term only: t' − e, uniform in 0 .. T/M − 1
     adv_noise_fake: torch.Tensor = None  # fresh noise carrying pred from σ_e to σ_t'
     adv_noise_real: torch.Tensor = None  # fresh noise carrying the target from σ_e to σ_t'
@@ -243,11 +244,18 @@ class GradientCheckpointing:
 
 class Distiller:
     def __init__(self, config: DistillConfig, denoise, lora: LoraSet, data: LatentData, sigmas, device=None,
-                 adversarial=None):
+                 adversarial=None, virtual_ranks=1):
         """adversarial: an `AdversarialTerm` (discriminator heads on the teacher's features), with
-        config.adversarial_weight > 0; None with the weight 0."""
-        self.world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-        self.rank = dist.get_rank() if self.world_size > 1 else 0
+        config.adversarial_weight > 0; None with the weight 0. virtual_ranks: compute that many data-parallel
+        ranks in this one process (see the module docstring); not with torch.distributed."""
+        processes = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        if virtual_ranks < 1 or (virtual_ranks > 1 and processes > 1):
+            raise ValueError(f"virtual_ranks must be 1 under torch.distributed ({processes} processes) and at least 1 "
+                             f"otherwise, got {virtual_ranks}.")
+        self.processes = processes
+        self.world_size = processes * virtual_ranks
+        self.rank = dist.get_rank() if processes > 1 else 0
+        self.local_ranks = [self.rank] if processes > 1 else list(range(virtual_ranks))
         config.check(len(data), self.world_size, adversarial is not None)
         if config.cfg_mode == "small" and config.w_max > 0 and data.uncond is None:
             raise ValueError("small-CFG distillation needs the empty-prompt conditioning (uncond) for the teacher's "
@@ -257,7 +265,10 @@ class Distiller:
                              "(uncond) or set empty_prompt_prob to 0.")
         self.config, self.denoise, self.lora, self.data = config, denoise, lora, data
         self.device = torch.device(device) if device is not None else data.latents.device
-        self.sigmas = sigmas.to(self.device, torch.float32)
+        # float32 maths (master weights, loss) whatever the forwards' precision; float64 latents (and a float64
+        # network and LoRA) run the whole step in float64, which the tests use to see past float32 rounding
+        self.dtype = torch.promote_types(data.latents.dtype, torch.float32)
+        self.sigmas = sigmas.to(self.device, self.dtype)
         self.params = [p for p in lora.parameters()]
         self.optimizer = torch.optim.AdamW(self.params, lr=config.learning_rate, weight_decay=config.weight_decay)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.precision == "fp16")
@@ -265,6 +276,7 @@ class Distiller:
         self.generator = torch.Generator().manual_seed(config.seed)
         self.adversarial = adversarial.to(self.device) if adversarial is not None else None
         self._adv_micro = None  # this micro-step's [G loss, D loss]
+        self._adv_step_losses = None  # this step's, summed over the micro-steps and this process's ranks
         self.step = 0
         self.losses = []
         self.fp16_skips = 0
@@ -278,13 +290,13 @@ class Distiller:
         w = c.w_min + (c.w_max - c.w_min) * torch.rand(b, generator=g, dtype=torch.float64)
         noise = torch.randn((b,) + tuple(self.data.latents.shape[1:]), generator=g)
         empty = torch.rand(b, generator=g) < (c.empty_prompt_prob if c.cfg_mode == "normal" else 0.0)
-        flip = torch.rand(b, generator=g) < c.hflip_prob
+        torch.rand(b, generator=g)  # once the flip draw: kept so that every seed draws what it always drew
         if self.adversarial is None:
-            return Draw(index, grid_index, w.float(), noise, empty, flip)
+            return Draw(index, grid_index, w.float(), noise, empty)
         # after all other draws, so that the switch off consumes the generator exactly as before
         offset = torch.randint(0, max(len(self.sigmas) // c.phases, 1), (b,), generator=g)
         fake_noise, real_noise = torch.randn(noise.shape, generator=g), torch.randn(noise.shape, generator=g)
-        return Draw(index, grid_index, w.float(), noise, empty, flip, offset, fake_noise, real_noise)
+        return Draw(index, grid_index, w.float(), noise, empty, offset, fake_noise, real_noise)
 
     def student(self, x, sigma, cond):
         return self.denoise(x, sigma, cond)
@@ -312,14 +324,15 @@ class Distiller:
                 for p, s in zip(self.params, saved):
                     p.copy_(s)
 
-    def micro_loss(self, draw: Draw):
-        """This rank's mean loss over its slice of one global micro-batch (with the adversarial term: plus its
-        weighted G loss, and the discriminator's gradients accumulate in its heads)."""
+    def micro_loss(self, draw: Draw, rank=None):
+        """A rank's mean loss over its slice of one global micro-batch (with the adversarial term: plus its
+        weighted G loss, and the discriminator's gradients accumulate in its heads). Default: this process's rank."""
         c = self.config
+        rank = self.rank if rank is None else rank
         per_rank = c.batch_size // self.world_size
-        mine = draw.slice(self.rank * per_rank, (self.rank + 1) * per_rank)
-        x0, cond, uncond = self.data.batch(mine.index, mine.empty, mine.flip)
-        x0 = x0.to(self.device, torch.float32)
+        mine = draw.slice(rank * per_rank, (rank + 1) * per_rank)
+        x0, cond, uncond = self.data.batch(mine.index, mine.empty)
+        x0 = x0.to(self.device, self.dtype)
         cond, uncond = _to(cond, self.device), _to(uncond, self.device)
         guided = c.cfg_mode == "small" and c.w_max > 0
         targets = sample_phased_targets(mine.grid_index, c.phases, c.ddim_timesteps, len(self.sigmas))
@@ -333,7 +346,7 @@ class Distiller:
             loss = pcm_loss(student, self.teacher, x0, mine.noise.to(self.device), cond,
                             uncond if guided else None, self.sigmas, targets, mine.w.to(self.device),
                             c.huber_c, flow=c.flow, target_model=target_model)
-        loss = loss.float().mean()
+        loss = loss.to(self.dtype).mean()
         if self.adversarial is not None:
             loss = loss + c.adversarial_weight * self._adversarial(mine, targets, student, target_model, cond)
         return loss
@@ -370,71 +383,130 @@ class Distiller:
         return g_loss
 
     def _all_reduce_mean(self, tensor):
-        if self.world_size > 1:
+        """Sum over processes (all_reduce), then divide by the world size (processes × virtual ranks)."""
+        if self.processes > 1:
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        if self.world_size > 1:
             tensor /= self.world_size
         return tensor
+
+    def _trained_params(self):
+        return self.params + (self.adversarial.params if self.adversarial is not None else [])
+
+    def _set_learning_rate(self):
+        c = self.config
+        lr = c.learning_rate * min(1.0, (self.step + 1) / c.warmup_steps) if c.warmup_steps else c.learning_rate
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def _rank_gradients(self, draws, rank):
+        """Backward of one rank's slices of the step's micro-batches; gradients accumulate in .grad.
+        Returns the rank's loss and [G, D] losses, each the mean over the micro-batches."""
+        c = self.config
+        total, adv_total = torch.zeros((), device=self.device, dtype=self.dtype), torch.zeros(2, device=self.device)
+        for draw in draws:
+            loss = self.micro_loss(draw, rank) / c.grad_accumulation
+            self.scaler.scale(loss).backward()
+            total += loss.detach()
+            if self.adversarial is not None:
+                adv_total += self._adv_micro / c.grad_accumulation
+        return total, adv_total
+
+    def _local_gradients(self, draws):
+        """This process's ranks' gradients in .grad, summed in rank order as the all-reduce sums them, and their
+        summed losses."""
+        if len(self.local_ranks) == 1:
+            return self._rank_gradients(draws, self.local_ranks[0])
+        params, sums = self._trained_params(), None
+        for rank in self.local_ranks:
+            for p in params:
+                p.grad = None
+            rank_total, rank_adv = self._rank_gradients(draws, rank)
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+            if sums is None:
+                sums, total, adv_total = grads, rank_total, rank_adv
+            else:
+                for s, g in zip(sums, grads):
+                    s += g
+                total, adv_total = total + rank_total, adv_total + rank_adv
+        for p, s in zip(params, sums):
+            p.grad = s
+        return total, adv_total
+
+    def gradients(self):
+        """Draw one step's micro-batches and leave the LoRA's averaged (all-reduced) gradients in .grad, before
+        clipping and the optimiser: what data parallelism must reproduce. Returns the averaged loss."""
+        c, params = self.config, self._trained_params()
+        for p in params:
+            p.grad = None
+        rng = self.generator.get_state()
+        try:
+            with deterministic_algorithms(c.deterministic):
+                draws = [self.draw() for _ in range(c.grad_accumulation)]  # the only reads of the generator
+                total, self._adv_step_losses = self._local_gradients(draws)
+        except BaseException:
+            # Stopped inside the step (the host's Cancel raises from any layer, out of memory): nothing was updated,
+            # and the draws are put back, so the saved state resumes exactly as if the step never started.
+            self.generator.set_state(rng)
+            for p in params:
+                p.grad = None
+            raise
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        for p in self.params:
+            self._all_reduce_mean(p.grad)
+        return float(self._all_reduce_mean(total))
+
+    def _clip(self):
+        """Clip the LoRA's (and the heads') gradients; the total norm, NaN/Inf when they are not finite."""
+        c = self.config
+        norm = torch.nn.utils.clip_grad_norm_(self.params, c.grad_clip if c.grad_clip > 0 else float("inf"))
+        if self.adversarial is not None:  # the heads' gradients: averaged over ranks, clipped; NaN stops alike
+            norm = norm + self.adversarial.reduce_and_clip(c.grad_clip, self._all_reduce_mean).to(norm.device)
+        return norm
+
+    def _check_loss(self, total):
+        if not math.isfinite(total):
+            raise DistillDiverged(f"The distillation loss became {total} at step {self.step + 1}; the LoRA keeps the "
+                                  f"weights of step {self.step}. Lower the learning rate, or use bf16/fp32 instead of "
+                                  "fp16.")
+
+    def _check_norm(self, norm):
+        """fp16: a non-finite norm skips the update (the scaler lowers its scale), up to MAX_FP16_SKIPS in a row."""
+        if torch.isfinite(norm):
+            self.fp16_skips = 0
+            return
+        if self.config.precision != "fp16":
+            raise DistillDiverged(f"The gradients became NaN/Inf at step {self.step + 1}; the LoRA keeps the "
+                                  f"weights of step {self.step}. Lower the learning rate or the w range.")
+        self.fp16_skips += 1
+        if self.fp16_skips > MAX_FP16_SKIPS:
+            raise DistillDiverged(f"fp16 gradients overflowed {self.fp16_skips} steps in a row (step "
+                                  f"{self.step + 1}); the LoRA keeps the last good weights. Use bf16 or fp32.")
+
+    def _update_ema(self):
+        if self.ema is not None:
+            with torch.no_grad():
+                for e, p in zip(self.ema, self.params):
+                    e.lerp_(p.detach(), 1.0 - self.config.ema_decay)
 
     def train_step(self) -> float:
         """One optimiser step (grad_accumulation micro-batches); returns its loss averaged over the global batch.
 
         Raises DistillDiverged, before the optimiser touches the weights, when the loss or gradients are NaN/Inf.
         """
-        c = self.config
-        for group in self.optimizer.param_groups:
-            group["lr"] = c.learning_rate * min(1.0, (self.step + 1) / c.warmup_steps) if c.warmup_steps else c.learning_rate
-        self.optimizer.zero_grad(set_to_none=True)
-        total = torch.zeros((), device=self.device)
-        adv_total = torch.zeros(2, device=self.device)
-        if self.adversarial is not None:
-            self.adversarial.optimizer.zero_grad(set_to_none=True)
-        rng = self.generator.get_state()
-        try:
-            with deterministic_algorithms(c.deterministic):
-                for _ in range(c.grad_accumulation):
-                    loss = self.micro_loss(self.draw()) / c.grad_accumulation
-                    self.scaler.scale(loss).backward()
-                    total += loss.detach()
-                    if self.adversarial is not None:
-                        adv_total += self._adv_micro / c.grad_accumulation
-        except BaseException:
-            # Stopped inside the step (the host's Cancel raises from any layer, out of memory): nothing was updated,
-            # and the draws are put back, so the saved state resumes exactly as if the step never started.
-            self.generator.set_state(rng)
-            self.optimizer.zero_grad(set_to_none=True)
-            raise
-        for p in self.params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            self._all_reduce_mean(p.grad)
-        total = float(self._all_reduce_mean(total))
-        if not math.isfinite(total):
-            raise DistillDiverged(f"The distillation loss became {total} at step {self.step + 1}; the LoRA keeps the "
-                                  f"weights of step {self.step}. Lower the learning rate, or use bf16/fp32 instead of "
-                                  "fp16.")
+        self._set_learning_rate()
+        total = self.gradients()
+        self._check_loss(total)
         self.scaler.unscale_(self.optimizer)
-        norm = torch.nn.utils.clip_grad_norm_(self.params, c.grad_clip if c.grad_clip > 0 else float("inf"))
-        if self.adversarial is not None:  # the heads' gradients: averaged over ranks, clipped; NaN stops alike
-            norm = norm + self.adversarial.reduce_and_clip(c.grad_clip, self._all_reduce_mean).to(norm.device)
-        if not torch.isfinite(norm):
-            if c.precision != "fp16":
-                raise DistillDiverged(f"The gradients became NaN/Inf at step {self.step + 1}; the LoRA keeps the "
-                                      f"weights of step {self.step}. Lower the learning rate or the w range.")
-            self.fp16_skips += 1
-            if self.fp16_skips > MAX_FP16_SKIPS:
-                raise DistillDiverged(f"fp16 gradients overflowed {self.fp16_skips} steps in a row (step "
-                                      f"{self.step + 1}); the LoRA keeps the last good weights. Use bf16 or fp32.")
-        else:
-            self.fp16_skips = 0
+        self._check_norm(self._clip())
         self.scaler.step(self.optimizer)  # skips the update when fp16 gradients overflowed
         self.scaler.update()
         if self.adversarial is not None:
             self.adversarial.step()  # skipped by itself when its gradients are not finite
-            self.adversarial.history.append(self._all_reduce_mean(adv_total).tolist())
-        if self.ema is not None:
-            with torch.no_grad():
-                for e, p in zip(self.ema, self.params):
-                    e.lerp_(p.detach(), 1.0 - c.ema_decay)
+            self.adversarial.history.append(self._all_reduce_mean(self._adv_step_losses).tolist())
+        self._update_ema()
         self.step += 1
         self.losses.append(total)
         return total

@@ -49,6 +49,7 @@ class TrainJob:
     interrupted: Callable[[], bool] = lambda: False
     validate: Optional[Callable] = None   # validate(step) with the LoRA live on the model
     writer: bool = True                   # data-parallel runs: only rank 0 writes files
+    virtual_ranks: int = 1                # compute that many data-parallel ranks in this process (checks)
 
 
 @dataclasses.dataclass
@@ -118,7 +119,7 @@ def run(job: TrainJob) -> TrainResult:
         try:
             adversarial = AdversarialTerm(features, feature_channels, seed=config.seed) if features else None
             distiller = Distiller(config, denoise, lora, data, sigmas, device=job.model.load_device,
-                                  adversarial=adversarial)
+                                  adversarial=adversarial, virtual_ranks=job.virtual_ranks)
             resumed_from = 0
             if job.resume and job.state_path.is_file():
                 distiller.load_state(*load_safetensors(job.state_path))

@@ -34,7 +34,7 @@ def test_switch_off_is_the_plain_engine():
     assert torch.equal(plain.generator.get_state(), off.generator.get_state())
     # on, the term's draws come after the others: the consistency draws of a step are those of the plain engine
     first_plain, first_on = run_steps(0).draw(), adversarial_setup()[2].draw()
-    for name in ("index", "grid_index", "w", "noise", "empty", "flip"):
+    for name in ("index", "grid_index", "w", "noise", "empty"):
         assert torch.equal(getattr(first_plain, name), getattr(first_on, name))
     assert first_plain.adv_offset is None and first_on.adv_offset is not None
 

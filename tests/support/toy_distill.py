@@ -1,7 +1,7 @@
 """A small conditional ε-network and the distillation set-up the engine tests share.
 
-Run as a script under torchrun it is the data-parallel worker: 3 steps of the same set-up, rank 0 saves the
-LoRA parameters and losses to argv[1].
+Run as a script it takes 3 steps of the same set-up and saves the LoRA parameters and losses to argv[1]: under
+torchrun as a data-parallel worker (rank 0 saves), else in one process with argv[2] virtual ranks.
 """
 import pathlib
 import socket
@@ -46,12 +46,13 @@ def vp_denoise(net, ms=VP):
     return denoise
 
 
-def make_setup(seed=0, n=8, batch=4, ms=VP, **overrides):
-    net = TinyEpsNet(seed=seed)
-    lora = LoraSet(net, lora_targets(net), rank=4, alpha=4, seed=seed)
+def make_setup(seed=0, n=8, batch=4, ms=VP, dtype=torch.float32, **overrides):
+    """dtype float64: network, LoRA and data in float64, so the engine runs the whole step in float64."""
+    net = TinyEpsNet(seed=seed).to(dtype)
+    lora = LoraSet(net, lora_targets(net), rank=4, alpha=4, seed=seed).to(dtype)
     g = torch.Generator().manual_seed(123)
-    data = LatentData(torch.randn(n, 4, 8, 8, generator=g), cond=torch.randn(n, 8, generator=g),
-                      uncond=torch.zeros(1, 8))
+    data = LatentData(torch.randn(n, 4, 8, 8, generator=g).to(dtype), cond=torch.randn(n, 8, generator=g).to(dtype),
+                      uncond=torch.zeros(1, 8, dtype=dtype))
     config = DistillConfig(phases=2, ddim_timesteps=10, steps=10, batch_size=batch, learning_rate=1e-3,
                            w_min=1.0, w_max=2.0, seed=seed, **overrides)
     return net, lora, data, config
@@ -78,9 +79,10 @@ def advance(distiller, steps, resume_from=None):
     return distiller
 
 
-def run_steps(steps, seed=0, resume_from=None, **overrides):
+def run_steps(steps, seed=0, resume_from=None, virtual_ranks=1, **overrides):
     net, lora, data, config = make_setup(seed=seed, **overrides)
-    return advance(Distiller(config, vp_denoise(net), lora, data, VP.sigmas), steps, resume_from)
+    distiller = Distiller(config, vp_denoise(net), lora, data, VP.sigmas, virtual_ranks=virtual_ranks)
+    return advance(distiller, steps, resume_from)
 
 
 def free_port():
@@ -90,17 +92,22 @@ def free_port():
 
 
 if __name__ == "__main__":
+    import os
+
     import torch.distributed as dist
 
     from fewstep.distill.cli import exit_without_teardown
 
-    dist.init_process_group("gloo")
+    torch.set_num_threads(1)
+    distributed = "WORLD_SIZE" in os.environ
+    if distributed:
+        dist.init_process_group("gloo")
     try:
-        torch.set_num_threads(1)
-        distiller = run_steps(3)
-        if dist.get_rank() == 0:
+        distiller = run_steps(3, virtual_ranks=1 if distributed else int(sys.argv[2]))
+        if not distributed or dist.get_rank() == 0:
             torch.save([p.detach() for p in distiller.params] + [torch.tensor(distiller.losses, dtype=torch.float64)],
                        sys.argv[1])
     finally:
-        dist.destroy_process_group()
+        if distributed:
+            dist.destroy_process_group()
     exit_without_teardown(0)  # as the CLI's workers do (see distill/cli.py)
