@@ -2,7 +2,7 @@
 flow models (SD3, FLUX: x = (1 − σ)·x0 + σ·ε, where the DDIM step is exactly the Euler step of the flow ODE).
 
 Models are callables `denoise(x, sigma, cond) -> x0_hat` (ComfyUI's D). Per sample, with K DDIM timesteps and
-M phases (algorithms.md, "PCM: one training step"):
+M phases (docs/algorithms.md, "PCM: one training step"):
 
     j ~ U{0..K−1}, t = ddim_ts[j], t_n = max(t − T/K, 0), e = the edge of j's phase
     x_t   = x0 + σ_t·ε

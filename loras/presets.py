@@ -32,7 +32,6 @@ TRAINER_METADATA_KEYS = (
 ARCHES = ("sd15", "sdxl", "ssd1b", "sd3", "flux")
 ARCH_NAMES = {"sd15": "SD1.5", "sdxl": "SDXL", "ssd1b": "SSD-1B", "sd3": "SD3", "flux": "FLUX"}
 FAMILIES = ("pcm", "hyper_sd", "tcd", "lcm", "fewstep", "unknown")
-SOURCES = ("metadata", "filename", "structure", "unknown", "table")
 
 # Names the table may use: the pack's own (nodes/registration.py) and ComfyUI core ones.
 PACK_SAMPLERS = ("pcm", "tcd", "ctm_gamma")
@@ -68,7 +67,7 @@ class Preset:
     phases: int | None           # PCM phases M
     ddim_timesteps: int | None   # PCM DDIM grid size K
     notes: str
-    source: str = "table"
+    source: str = "table"        # how it was found: "table", "metadata", "filename", "structure" or "unknown"
     message: str = ""
 
 

@@ -1,4 +1,5 @@
-"""Schedules: the phase-edge table of algorithms.md, diffusers' timesteps for every N, and the denoise rule."""
+"""Schedules: the phase-edge table of docs/algorithms.md ("PCM: phase edges"), diffusers' timesteps for every N,
+and the denoise rule."""
 import numpy as np
 import pytest
 import torch
