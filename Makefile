@@ -11,9 +11,9 @@ setup:
 test: setup
 	$(PY) -m pytest tests -q -p no:cacheprovider
 
-# Pure maths only (no ComfyUI start, ~15 s).
+# Pure maths only: no ComfyUI start, no subprocesses (torchrun, fresh interpreters).
 test-fast: setup
-	$(PY) -m pytest tests -q -p no:cacheprovider --ignore=tests/host --ignore=tests/e2e
+	$(PY) -m pytest tests -q -p no:cacheprovider --ignore=tests/host --ignore=tests/e2e -m "not subprocess"
 
 serve: setup
 	@bash scripts/serve.sh $(PORT)

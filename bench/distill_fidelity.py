@@ -313,7 +313,7 @@ def distill_student(cfg, teacher, x_train, y_train, phases, seed):
                            w_min=cfg["guidance_w"], w_max=cfg["guidance_w"], huber_c=0.001,
                            precision="fp32", seed=seed, deterministic=True)
     data = LatentData(latents=x_train, cond=y_train, uncond=torch.tensor([NULL_LABEL]))
-    distiller = Distiller(config, model.denoise, lora, data, model.model_sampling.sigmas.float())
+    distiller = Distiller(config, model.denoise, lora, data, model.model_sampling)
     start, losses = time.perf_counter(), []
     for _ in range(config.steps):
         losses.append(float(distiller.train_step()))

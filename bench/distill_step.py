@@ -337,8 +337,9 @@ def measure(opts, b, device, model, data, sigmas, kind, denoise, lora, blocks, m
     distillers, probes = {}, {}
     for cfg, ck in configs:  # the node's settings; all train the same LoRA, each with its own AdamW
         config = DistillConfig(phases=4, ddim_timesteps=50, steps=10 ** 6, batch_size=b, cfg_mode=cfg,
-                               precision=opts.precision, flow=kind == "flow", seed=0, deterministic=True)
-        distillers[(cfg, ck)] = d = Distiller(config, denoise, lora, data, sigmas, device=device)
+                               precision=opts.precision, seed=0, deterministic=True)
+        distillers[(cfg, ck)] = d = Distiller(config, denoise, lora, data, model.get_model_object("model_sampling"),
+                                              device=device)
         probes[(cfg, ck)] = Probe(d, lora, sync)
 
     @contextlib.contextmanager

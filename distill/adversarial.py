@@ -4,7 +4,9 @@ As in the reference training scripts (G-U-N/Phased-Consistency-Model, `train_pcm
 `discriminator_*.py`), per sample:
 
     t' = e + U{0 .. T/M − 1}                   (T training timesteps, M phases, e the phase edge)
-    fake = pred   carried from σ_e to σ_t' by the forward process with fresh noise
+    fake = pred   carried from σ_e to σ_t' by the forward process with fresh noise (`forward_noise`, the
+                  samplers' re-noising: the exact marginal at σ_t', for flow models too, where the reference's
+                  SD3 script scales its noise by (σ' − σ)/(1 − σ) and leaves x' with less than σ' of noise)
     real = target carried from σ_e to σ_t' the same way, with its own fresh noise
     D(x) = heads(teacher features of x at σ_t'), the teacher being the network with the LoRA off
     D loss = mean relu(1 − D(real)) + mean relu(1 + D(fake))     (hinge; averaged over the heads)
@@ -25,20 +27,6 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-
-def renoise(x, sigma, sigma_to, noise, flow=False):
-    """The forward process from σ to σ' ≥ σ with fresh noise: x' has the marginal of x0 noised to σ'.
-
-    VP in σ-space (x = x0 + σ·ε): x' = x + √(σ'² − σ²)·z, which is the reference's `noise_travel`
-    √(ᾱ'/ᾱ)·x_vp + √(1 − ᾱ'/ᾱ)·z divided by √ᾱ'. Flow (x = (1 − σ)·x0 + σ·ε): x' = a·x + √(σ'² − a²σ²)·z with
-    a = (1 − σ')/(1 − σ). (The reference's SD3 script scales its noise by (σ' − σ)/(1 − σ) instead, which
-    leaves x' with less than σ' of noise; this keeps the marginal exact, as the VP case does.)
-    """
-    if flow:
-        a = (1.0 - sigma_to) / (1.0 - sigma)
-        return a * x + torch.sqrt((sigma_to ** 2 - (a * sigma) ** 2).clamp_min(0)) * noise
-    return x + torch.sqrt((sigma_to ** 2 - sigma ** 2).clamp_min(0)) * noise
 
 
 class Head(nn.Module):

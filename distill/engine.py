@@ -1,7 +1,10 @@
 """The distillation loop: phased consistency distillation of a LoRA, with callables for the model.
 
-`Distiller(config, denoise, lora, data, sigmas)` trains the LoRA branches of `lora` (a `LoraSet` hooked onto
-the network behind `denoise(x, σ[B], cond) -> D`). The teacher is the same network with the LoRA off and the
+`Distiller(config, denoise, lora, data, model_sampling)` trains the LoRA branches of `lora` (a `LoraSet` hooked
+onto the network behind `denoise(x, σ[B], cond) -> D`); `model_sampling` is the model's (ComfyUI's object, or a
+stand-in with the same `sigmas` table, `noise_scaling` and `calculate_input`): the engine noises, steps and jumps
+through its forward process exactly as the samplers do (`samplers.forward_process`), ε, v and flow alike. The
+teacher is the same network with the LoRA off and the
 target is the student under stop-grad (or its EMA), so the base weights exist once in memory.
 
 Every random draw (samples, grid indices, guidance w, noise, empty-prompt dropout) comes from one CPU
@@ -24,9 +27,9 @@ from dataclasses import asdict, dataclass, fields
 import torch
 import torch.distributed as dist
 
-from .adversarial import renoise
+from ..samplers.forward_process import forward_noise
 from .lora import LoraSet
-from .phased_loss import ddim_jump, pcm_loss, sample_phased_targets
+from .phased_loss import pcm_samples, phased_distance, sample_phased_targets
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 CFG_MODES = ("small", "normal")
@@ -55,7 +58,6 @@ class DistillConfig:
     huber_c: float = 0.001
     precision: str = "fp32"         # autocast dtype of the forwards: fp32, bf16, or fp16 (with a gradient scaler)
     ema_decay: float = 0.0          # 0: the target is the student itself (the reference LoRA setting)
-    flow: bool = False              # rectified-flow model (SD3, FLUX): Euler solver instead of DDIM
     adversarial_weight: float = 0.0  # weight of the adversarial G loss (reference 0.1); 0 = off
     seed: int = 0
     deterministic: bool = False     # torch.use_deterministic_algorithms during training
@@ -171,23 +173,6 @@ class Draw:
         return Draw(*(v if v is None else v[start:stop] for v in values))
 
 
-class _Recorded:
-    """A model callable that keeps its calls' (x, σ, output), to rebuild pred and target after pcm_loss."""
-
-    def __init__(self, model):
-        self.model, self.calls = model, []
-
-    def __call__(self, x, sigma, cond):
-        out = self.model(x, sigma, cond)
-        self.calls.append((x, sigma, out))
-        return out
-
-    def only_call(self):
-        if len(self.calls) != 1:
-            raise RuntimeError(f"pcm_loss called the model {len(self.calls)} times; the adversarial term expects one.")
-        return self.calls[0]
-
-
 @contextlib.contextmanager
 def deterministic_algorithms(enabled):
     before = torch.are_deterministic_algorithms_enabled()
@@ -243,7 +228,7 @@ class GradientCheckpointing:
 
 
 class Distiller:
-    def __init__(self, config: DistillConfig, denoise, lora: LoraSet, data: LatentData, sigmas, device=None,
+    def __init__(self, config: DistillConfig, denoise, lora: LoraSet, data: LatentData, model_sampling, device=None,
                  adversarial=None, virtual_ranks=1):
         """adversarial: an `AdversarialTerm` (discriminator heads on the teacher's features), with
         config.adversarial_weight > 0; None with the weight 0. virtual_ranks: compute that many data-parallel
@@ -268,7 +253,8 @@ class Distiller:
         # float32 maths (master weights, loss) whatever the forwards' precision; float64 latents (and a float64
         # network and LoRA) run the whole step in float64, which the tests use to see past float32 rounding
         self.dtype = torch.promote_types(data.latents.dtype, torch.float32)
-        self.sigmas = sigmas.to(self.device, self.dtype)
+        self.model_sampling = model_sampling
+        self.sigmas = model_sampling.sigmas.detach().to(self.device, self.dtype).clone()  # indexed by timestep
         self.params = [p for p in lora.parameters()]
         self.optimizer = torch.optim.AdamW(self.params, lr=config.learning_rate, weight_decay=config.weight_decay)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.precision == "fp16")
@@ -339,38 +325,25 @@ class Distiller:
         targets = type(targets)(*(t.to(self.device) for t in (targets.t, targets.t_next, targets.edge,
                                                                   targets.starts_phase)))
         autocast = PRECISIONS[c.precision]
-        student, target_model = self.student, self.target
-        if self.adversarial is not None:
-            student, target_model = _Recorded(self.student), _Recorded(self.target)
         with torch.autocast(self.device.type, dtype=autocast, enabled=autocast is not None):
-            loss = pcm_loss(student, self.teacher, x0, mine.noise.to(self.device), cond,
-                            uncond if guided else None, self.sigmas, targets, mine.w.to(self.device),
-                            c.huber_c, flow=c.flow, target_model=target_model)
-        loss = loss.to(self.dtype).mean()
+            samples = pcm_samples(self.student, self.teacher, self.model_sampling, x0, mine.noise.to(self.device), cond,
+                                  uncond if guided else None, self.sigmas, targets, mine.w.to(self.device),
+                                  target_model=self.target)
+        loss = phased_distance(self.model_sampling, samples, c.huber_c).to(self.dtype).mean()
         if self.adversarial is not None:
-            loss = loss + c.adversarial_weight * self._adversarial(mine, targets, student, target_model, cond)
+            loss = loss + c.adversarial_weight * self._adversarial(mine, targets, samples, cond)
         return loss
 
-    def _pred_and_target(self, targets, student, target_model):
-        """pcm_loss's pred (with its graph) and stop-grad target at σ_e, rebuilt from the recorded model calls."""
-        (x_t, s_t, d_student), (x_n, s_n, d_target) = student.only_call(), target_model.only_call()
-        shape = (-1,) + (1,) * (x_t.ndim - 1)
-        s_e = self.sigmas[targets.edge].to(x_t.dtype).reshape(shape)
-        pred = ddim_jump(x_t, s_t.reshape(shape), s_e, d_student, self.config.flow)
-        with torch.no_grad():
-            target = ddim_jump(x_n, s_n.reshape(shape), s_e, d_target, self.config.flow)
-            target = torch.where(targets.starts_phase.reshape(shape), x_n, target)
-        return pred, target, s_e
-
-    def _adversarial(self, mine, targets, student, target_model, cond):
+    def _adversarial(self, mine, targets, samples, cond):
         """The G loss of this rank's slice; runs the discriminator's backward (detached samples) on the way."""
-        c, adv = self.config, self.adversarial
-        pred, target, s_e = self._pred_and_target(targets, student, target_model)
-        shape = s_e.shape
+        adv = self.adversarial
+        shape = samples.sigma_edge.shape
         t_adv = (targets.edge + mine.adv_offset.to(self.device)).clamp_max(len(self.sigmas) - 1)
         s_adv = self.sigmas[t_adv]
-        fake = renoise(pred, s_e, s_adv.reshape(shape), mine.adv_noise_fake.to(self.device), c.flow)
-        real = renoise(target, s_e, s_adv.reshape(shape), mine.adv_noise_real.to(self.device), c.flow)
+        ms, s_e, s_to = self.model_sampling, samples.sigma_edge, s_adv.reshape(shape)
+        fake = forward_noise(ms, samples.pred, s_e, s_to, mine.adv_noise_fake.to(self.device))
+        real = forward_noise(ms, samples.target, s_e, s_to, mine.adv_noise_real.to(self.device))
+        c = self.config
         autocast = PRECISIONS[c.precision]
         with torch.autocast(self.device.type, dtype=autocast, enabled=autocast is not None), self.lora.disabled():
             fake_features = adv.features(fake, s_adv, cond)  # the teacher's; gradients flow back into pred

@@ -5,32 +5,23 @@ Models are callables `denoise(x, sigma, cond) -> x0_hat` (ComfyUI's D). Per samp
 M phases (docs/algorithms.md, "PCM: one training step"):
 
     j ~ U{0..K−1}, t = ddim_ts[j], t_n = max(t − T/K, 0), e = the edge of j's phase
-    x_t   = x0 + σ_t·ε
+    x_t   = x0 noised to σ_t with ε
     pred  = DDIM jump of x_t to σ_e with the student's D            (gradient flows here only)
     x_n   = DDIM step of x_t to σ_{t_n} with the CFG teacher, D_u + (1 + w)(D_c − D_u)
     tgt   = x_n if j starts its phase, else the DDIM jump of x_n to σ_e with the student's D (stop-grad)
-    loss  = pseudo-Huber(pred, tgt) on VP samples (x/√(1 + σ_e²)), as the reference computes it
+    loss  = pseudo-Huber(pred, tgt) on the network's input scale at σ_e (`calculate_input`: the VP sample
+            x/√(1 + σ_e²) for ε/v models, as the reference computes it; the sample itself for flow models)
 
-A DDIM jump keeps the predicted noise ε̂ and moves to σ': VP x' = D + σ'·(x − D)/σ; flow
-x' = (1 − σ')·D + σ'·ε̂ with ε̂ = (x − (1 − σ)·D)/σ. The target model is the student under no_grad (the
-reference LoRA script has no EMA; the engine can swap EMA weights in).
+Noising and DDIM moves are the samplers' (`samplers.forward_process`, through the model's `model_sampling`): a
+DDIM jump keeps x̂0 and the predicted noise ε̂ and puts them at σ'. The target model is the student under
+no_grad (the reference LoRA script has no EMA; the engine can swap EMA weights in).
 """
 from dataclasses import dataclass
 
 import torch
 
+from ..samplers.forward_process import ddim_step, noised
 from ..schedulers.pcm import ddim_timesteps
-
-
-def ddim_jump(x, sigma, sigma_to, denoised, flow=False):
-    if flow:
-        eps = (x - (1.0 - sigma) * denoised) / sigma
-        return (1.0 - sigma_to) * denoised + sigma_to * eps
-    return denoised + (sigma_to / sigma) * (x - denoised)
-
-
-def noised(x0, noise, sigma, flow=False):
-    return (1.0 - sigma) * x0 + sigma * noise if flow else x0 + sigma * noise
 
 
 def pseudo_huber(a, b, c=0.001):
@@ -57,17 +48,24 @@ def sample_phased_targets(index, phases, ddim_steps, num_train_timesteps=1000):
     return PhasedTargets(t, t_next, edge, index == start)
 
 
-def teacher_step(teacher, x_t, s_t, s_n, cond, uncond, w, flow=False):
+def teacher_step(teacher, model_sampling, x_t, s_t, s_n, cond, uncond, w):
     """The CFG-augmented teacher's DDIM (flow: Euler) step from σ_t to σ_n; uncond None = CFG solver off."""
     shape = (-1,) + (1,) * (x_t.ndim - 1)
     d_c = teacher(x_t, s_t.reshape(-1), cond)
     d_guided = d_c if uncond is None else d_c + w.reshape(shape) * (d_c - teacher(x_t, s_t.reshape(-1), uncond))
-    return ddim_jump(x_t, s_t, s_n, d_guided, flow)
+    return ddim_step(model_sampling, x_t, s_t, s_n, d_guided)
 
 
-def pcm_loss(student, teacher, x0, noise, cond, uncond, sigmas, targets: PhasedTargets, w, huber_c=0.001,
-             flow=False, target_model=None):
-    """Per-sample pseudo-Huber loss of one phased consistency step (see the module docstring).
+@dataclass
+class PhasedSamples:
+    pred: torch.Tensor          # the student's jump of x_t to the edge (with its graph)
+    target: torch.Tensor        # the stop-grad target at the edge
+    sigma_edge: torch.Tensor    # σ_e per sample, [B, 1, …]
+
+
+def pcm_samples(student, teacher, model_sampling, x0, noise, cond, uncond, sigmas, targets: PhasedTargets, w,
+                target_model=None) -> PhasedSamples:
+    """pred and target of one phased consistency step (see the module docstring).
 
     sigmas: the model's σ table indexed by training timestep; w: per-sample guidance (ComfyUI cfg = 1 + w),
     w = 0 and uncond = None for the "normal CFG" mode (CFG solver off). Models get σ as a [B] tensor.
@@ -75,13 +73,25 @@ def pcm_loss(student, teacher, x0, noise, cond, uncond, sigmas, targets: PhasedT
     """
     shape = (-1,) + (1,) * (x0.ndim - 1)
     s_t, s_n, s_e = (sigmas[i].to(x0.dtype).reshape(shape) for i in (targets.t, targets.t_next, targets.edge))
-    x_t = noised(x0, noise, s_t, flow)
+    x_t = noised(model_sampling, x0, noise, s_t)
     with torch.no_grad():  # first, so that nothing (LoRA switch, EMA swap) changes between forward and backward
-        x_n = teacher_step(teacher, x_t, s_t, s_n, cond, uncond, w, flow)
-        target = ddim_jump(x_n, s_n, s_e, (target_model or student)(x_n, s_n.reshape(-1), cond), flow)
+        x_n = teacher_step(teacher, model_sampling, x_t, s_t, s_n, cond, uncond, w)
+        target = ddim_step(model_sampling, x_n, s_n, s_e, (target_model or student)(x_n, s_n.reshape(-1), cond))
         target = torch.where(targets.starts_phase.reshape(shape), x_n, target)
-    pred = ddim_jump(x_t, s_t, s_e, student(x_t, s_t.reshape(-1), cond), flow)
-    # The reference measures the distance on VP samples √ᾱ·x = x/√(1 + σ²); flow samples are already unit scale.
-    scale = 1.0 if flow else 1.0 / torch.sqrt(1.0 + s_e ** 2)
-    wide = torch.promote_types(pred.dtype, torch.float32)  # half-precision forwards, float32 (or wider) loss
-    return pseudo_huber(pred.to(wide) * scale, target.to(wide) * scale, huber_c)
+    pred = ddim_step(model_sampling, x_t, s_t, s_e, student(x_t, s_t.reshape(-1), cond))
+    return PhasedSamples(pred, target, s_e)
+
+
+def phased_distance(model_sampling, samples: PhasedSamples, huber_c=0.001):
+    """Per-sample pseudo-Huber distance of pred and target, in float32 (or wider) whatever the forwards' precision."""
+    wide = torch.promote_types(samples.pred.dtype, torch.float32)
+    sigma = samples.sigma_edge.to(wide)
+    return pseudo_huber(model_sampling.calculate_input(sigma, samples.pred.to(wide)),
+                        model_sampling.calculate_input(sigma, samples.target.to(wide)), huber_c)
+
+
+def pcm_loss(student, teacher, model_sampling, x0, noise, cond, uncond, sigmas, targets: PhasedTargets, w,
+             huber_c=0.001, target_model=None):
+    """Per-sample pseudo-Huber loss of one phased consistency step (`pcm_samples`, then `phased_distance`)."""
+    samples = pcm_samples(student, teacher, model_sampling, x0, noise, cond, uncond, sigmas, targets, w, target_model)
+    return phased_distance(model_sampling, samples, huber_c)

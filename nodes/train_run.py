@@ -96,8 +96,8 @@ def run(job: TrainJob) -> TrainResult:
     import comfy.model_management as mm
 
     config = dataclasses.replace(job.config)
-    sigmas, kind = train_host.training_sigmas(job.model)
-    config.flow = kind == "flow"
+    train_host.training_sigmas(job.model)  # refuses the sampling types the engine cannot train, with the reason
+    model_sampling = job.model.get_model_object("model_sampling")
     config.check(len(job.latents))
     arch = model_arch(job.model)
     feature_modules, feature_channels = (train_host.adversarial_features(job.model) if config.adversarial_weight > 0
@@ -118,7 +118,7 @@ def run(job: TrainJob) -> TrainResult:
         features = HookedFeatures(denoise, feature_modules) if feature_modules else None
         try:
             adversarial = AdversarialTerm(features, feature_channels, seed=config.seed) if features else None
-            distiller = Distiller(config, denoise, lora, data, sigmas, device=job.model.load_device,
+            distiller = Distiller(config, denoise, lora, data, model_sampling, device=job.model.load_device,
                                   adversarial=adversarial, virtual_ranks=job.virtual_ranks)
             resumed_from = 0
             if job.resume and job.state_path.is_file():

@@ -1,20 +1,13 @@
-"""Shared pieces of the samplers, written against ComfyUI's `model_sampling` hooks only.
+"""The loop the samplers share, written against ComfyUI's `model_sampling` hooks only.
 
-ComfyUI works in σ-space. A model's forward process is `model_sampling.noise_scaling(σ, n, x0)`,
-which is affine in (n, x0): x = a(σ)·n + b(σ)·x0, with (a, b) = (σ, 1) for ε/v models and
-(σ, 1 − σ) for flow models (SD3, FLUX). Every update below is expressed through a and b, so one
-sampler serves all three kinds of model. Nothing here imports ComfyUI.
+Every update goes through the model's forward process (`forward_process`: x = a(σ)·n + b(σ)·x0), so one
+sampler serves ε, v and flow models alike. Nothing here imports ComfyUI.
 """
 import math
 
 import torch
 
-
-class EpsSigmaSpace:
-    """Forward process x = x0 + σ·n, used when a denoiser carries no model_sampling of its own."""
-
-    def noise_scaling(self, sigma, noise, latent_image, max_denoise=False):
-        return latent_image + sigma * noise
+from .forward_process import EpsSigmaSpace, ddim_jump, forward_noise, predicted_noise
 
 
 def model_sampling_of(model):
@@ -32,41 +25,6 @@ def model_sampling_of(model):
             return sampling
         node = getattr(node, "inner_model", None)
     return EpsSigmaSpace()
-
-
-def forward_coefficients(model_sampling, sigma, like):
-    """(a, b) with noise_scaling(σ, n, x0) = a·n + b·x0, as 0-d tensors of `like`'s dtype/device."""
-    sigma = torch.as_tensor(sigma, dtype=like.dtype, device=like.device).reshape(())
-    one = torch.ones((), dtype=like.dtype, device=like.device)
-    zero = torch.zeros((), dtype=like.dtype, device=like.device)
-    a = model_sampling.noise_scaling(sigma, one, zero.clone())
-    b = model_sampling.noise_scaling(sigma, zero, one.clone())
-    return a, b
-
-
-def predicted_noise(model_sampling, x, denoised, sigma):
-    """ε̂ such that x = noise_scaling(σ, ε̂, D): the noise the denoiser implies (σ > 0)."""
-    a, b = forward_coefficients(model_sampling, sigma, x)
-    return (x - b * denoised) / a
-
-
-def ddim_jump(model_sampling, denoised, eps, sigma_to):
-    """Deterministic DDIM (η = 0) move to σ_to: keep x̂0 and ε̂, put them at σ_to."""
-    a, b = forward_coefficients(model_sampling, sigma_to, denoised)
-    return a * eps + b * denoised
-
-
-def forward_noise(model_sampling, x, sigma_from, sigma_to, noise):
-    """Sample q(x_σto | x_σfrom) of the forward process, for σ_to ≥ σ_from.
-
-    With x_s = a_s·n + b_s·x0, x_t = (b_t/b_s)·x_s + √(a_t² − (b_t/b_s)²·a_s²)·z has the marginal
-    of x_t. For ε models this is x + √(σ_t² − σ_s²)·z.
-    """
-    a_s, b_s = forward_coefficients(model_sampling, sigma_from, x)
-    a_t, b_t = forward_coefficients(model_sampling, sigma_to, x)
-    ratio = b_t / b_s
-    std = (a_t * a_t - ratio * ratio * a_s * a_s).clamp(min=0).sqrt()
-    return ratio * x + std * noise
 
 
 def seeded_noise_sampler(x, seed=None):

@@ -8,10 +8,10 @@ import pytest
 import torch
 from torch.utils.checkpoint import CheckpointError
 
-import fewstep.distill.engine as engine
 from fewstep.distill import Distiller, GradientCheckpointing
-from fewstep.distill.adversarial import DiscriminatorHeads, d_hinge_loss, renoise
-from fewstep.distill.phased_loss import pseudo_huber
+from fewstep.distill.adversarial import DiscriminatorHeads, d_hinge_loss
+from fewstep.samplers.forward_process import forward_noise
+from fewstep.schedulers.noise_schedules import FlowSampling
 from support.toy_distill import VP, TinyEpsNet, advance, base_state, make_setup, run_steps, toy_adversarial, vp_denoise
 
 WEIGHT = 0.1
@@ -19,7 +19,7 @@ WEIGHT = 0.1
 
 def adversarial_setup(lr=1e-5, **overrides):
     net, lora, data, config = make_setup(adversarial_weight=WEIGHT, **overrides)
-    distiller = Distiller(config, vp_denoise(net), lora, data, VP.sigmas, adversarial=toy_adversarial(net, lr=lr))
+    distiller = Distiller(config, vp_denoise(net), lora, data, VP, adversarial=toy_adversarial(net, lr=lr))
     return net, lora, distiller
 
 
@@ -67,29 +67,6 @@ def test_the_g_loss_reaches_the_lora_and_not_the_heads():
     assert all(p.grad is None for p in term.params)
 
 
-def test_rebuilt_pred_and_target_are_those_pcm_loss_compares(monkeypatch):
-    """The engine rebuilds pred and target from the recorded model calls; they must be those pcm_loss compared."""
-    seen = {}
-    original_loss, original_rebuild = engine.pcm_loss, Distiller._pred_and_target
-
-    def recording_loss(*args, **kwargs):
-        seen["loss"] = original_loss(*args, **kwargs)
-        return seen["loss"]
-
-    def recording_rebuild(self, *args):
-        seen["rebuilt"] = original_rebuild(self, *args)
-        return seen["rebuilt"]
-
-    monkeypatch.setattr(engine, "pcm_loss", recording_loss)
-    monkeypatch.setattr(Distiller, "_pred_and_target", recording_rebuild)
-    _, _, distiller = adversarial_setup()
-    distiller.train_step()
-    pred, target, s_e = seen["rebuilt"]
-    scale = 1.0 / torch.sqrt(1.0 + s_e ** 2)
-    torch.testing.assert_close(pseudo_huber(pred * scale, target * scale, distiller.config.huber_c), seen["loss"],
-                               rtol=0, atol=0)
-
-
 def test_discriminator_hinge_loss_falls_on_a_fixed_pair():
     net = TinyEpsNet()
     term = toy_adversarial(net, lr=1e-2)
@@ -107,8 +84,10 @@ def test_discriminator_hinge_loss_falls_on_a_fixed_pair():
         term.step()
         losses.append(loss.item())
     assert losses[0] == pytest.approx(2.0, abs=0.3)  # logits near 0 at the start: relu(1) + relu(1)
+    # each step lowers it by 0.016-0.037 (seeds 0-4, 1 and 2 threads): 1e5 times float rounding, so a strict fall
+    # at every step is what can be relied on; in all the total fall is 17-22 % (≥ 5 % asserted)
     assert all(b < a for a, b in zip(losses, losses[1:])), losses
-    assert losses[-1] < 0.9 * losses[0], losses
+    assert losses[-1] < 0.95 * losses[0], losses
 
 
 @pytest.mark.parametrize("overrides", [{}, {"grad_accumulation": 2, "ema_decay": 0.9}])
@@ -132,13 +111,13 @@ def test_resume_with_the_adversarial_term_is_exact(tmp_path, overrides):
 def test_misconfiguration_is_refused():
     net, lora, data, config = make_setup(adversarial_weight=WEIGHT)
     with pytest.raises(ValueError, match="adversarial_weight is 0.1 but no adversarial term was given"):
-        Distiller(config, vp_denoise(net), lora, data, VP.sigmas)
+        Distiller(config, vp_denoise(net), lora, data, VP)
     config.adversarial_weight = 0.0
     with pytest.raises(ValueError, match="adversarial term was given but adversarial_weight is 0"):
-        Distiller(config, vp_denoise(net), lora, data, VP.sigmas, adversarial=toy_adversarial(net))
+        Distiller(config, vp_denoise(net), lora, data, VP, adversarial=toy_adversarial(net))
     config.adversarial_weight = -0.1
     with pytest.raises(ValueError, match="adversarial_weight must be 0"):
-        Distiller(config, vp_denoise(net), lora, data, VP.sigmas, adversarial=toy_adversarial(net))
+        Distiller(config, vp_denoise(net), lora, data, VP, adversarial=toy_adversarial(net))
 
 
 def test_resume_across_the_switch_or_other_heads_is_refused():
@@ -149,7 +128,7 @@ def test_resume_across_the_switch_or_other_heads_is_refused():
     with pytest.raises(ValueError, match=r"other settings.*adversarial_weight 0.0 → 0.1"):
         adversarial_steps(0).load_state(plain_tensors, plain_meta)
     net, lora, data, config = make_setup(adversarial_weight=WEIGHT)
-    other = Distiller(config, vp_denoise(net), lora, data, VP.sigmas, adversarial=toy_adversarial(net, lr=1e-4))
+    other = Distiller(config, vp_denoise(net), lora, data, VP, adversarial=toy_adversarial(net, lr=1e-4))
     with pytest.raises(ValueError, match=r"discriminator has other settings \(lr 1e-05 → 0.0001\)"):
         other.load_state(tensors, meta)
 
@@ -166,11 +145,13 @@ def test_heads_check_the_feature_maps():
 
 @pytest.mark.parametrize("flow", [False, True], ids=["vp", "flow"])
 def test_renoise_has_the_marginal_of_the_later_sigma(flow):
+    """The term's re-noising is the samplers' forward_noise; per-sample σ's as the engine passes them."""
     g = torch.Generator().manual_seed(0)
-    x0, s, s_to = 0.5, torch.tensor(0.3), torch.tensor(0.7)
-    eps, z = torch.randn(200_000, generator=g), torch.randn(200_000, generator=g)
+    x0, s, s_to = 0.5, torch.full((200_000, 1), 0.3), torch.full((200_000, 1), 0.7)
+    eps, z = torch.randn(200_000, 1, generator=g), torch.randn(200_000, 1, generator=g)
     x = (1 - s) * x0 + s * eps if flow else x0 + s * eps
-    out = renoise(x, s, s_to, z, flow)
+    out = forward_noise(FlowSampling(dtype=torch.float32) if flow else VP, x, s, s_to, z)
+    s_to = s_to[0, 0]
     assert out.mean().item() == pytest.approx((1 - s_to.item()) * x0 if flow else x0, abs=5e-3)
     assert out.std().item() == pytest.approx(s_to.item(), rel=1e-2)
 
@@ -201,13 +182,13 @@ def test_gradient_checkpointing_sees_the_teacher_in_backward():
                          ids=["flow", "bf16", "fp16"])
 def test_flow_models_and_half_precision_train_with_the_term(overrides):
     from fewstep.distill.adversarial import AdversarialTerm, HookedFeatures
-    from fewstep.schedulers.noise_schedules import FlowSampling
 
+    overrides = dict(overrides)
+    flow_model = overrides.pop("flow", False)
     net, lora, data, config = make_setup(adversarial_weight=WEIGHT, **overrides)
-    denoise, sigmas = vp_denoise(net), VP.sigmas
-    if config.flow:
-        flow = FlowSampling(shift=3.0, dtype=torch.float32)
-        sigmas = flow.sigmas
+    denoise, sigmas = vp_denoise(net), VP
+    if flow_model:
+        flow = sigmas = FlowSampling(shift=3.0, dtype=torch.float32)
 
         def denoise(x, sigma, cond):
             return flow.calculate_denoised(sigma.reshape(-1, 1, 1, 1), net(x, flow.timestep(sigma), cond), x)

@@ -21,7 +21,7 @@ from support.toy_distill import VP, TinyEpsNet, base_state, free_port, make_setu
 def test_only_the_lora_trains_and_the_teacher_is_untouched():
     net, lora, data, config = make_setup()
     before, lora_before = base_state(net), [p.clone() for p in lora.parameters()]
-    distiller = Distiller(config, vp_denoise(net), lora, data, VP.sigmas)
+    distiller = Distiller(config, vp_denoise(net), lora, data, VP)
     for _ in range(3):
         distiller.train_step()
     after = net.state_dict()
@@ -37,15 +37,18 @@ def test_only_the_lora_trains_and_the_teacher_is_untouched():
 
 
 def test_loss_falls_on_a_fixed_batch():
-    net, lora, data, config = make_setup(n=4, batch=4)
+    """With a (nearly) fixed target, the EMA of the student at decay 0.999, training is a regression on a fixed
+    batch, and gradient descent lowers its loss. (With the stop-grad student as target the target moves too and
+    the fall is not guaranteed: measured 0.46-0.72 of the first loss after 24 steps over seeds 0-3, 2.2 for
+    seed 0 at lr 1e-2.) Measured here: 0.39-0.51 over seeds 0-5, identical with 1 and 2 threads."""
+    net, lora, data, config = make_setup(n=4, batch=4, ema_decay=0.999)
     config.learning_rate = 3e-3
-    distiller = Distiller(config, vp_denoise(net), lora, data, VP.sigmas)
+    distiller = Distiller(config, vp_denoise(net), lora, data, VP)
     generator_state = distiller.generator.get_state()
     losses = []
     for _ in range(24):
         distiller.generator.set_state(generator_state)  # the same draws every step: a fixed batch
         losses.append(distiller.train_step())
-    # the target moves with the student (stop-grad), so the fall is not monotone forever; over 24 steps it is
     assert losses[-1] < 0.8 * losses[0], losses
 
 
@@ -69,7 +72,7 @@ def test_resume_with_other_settings_is_refused():
     net, lora, data, config = make_setup()
     config.phases = 4
     with pytest.raises(ValueError, match="other settings.*phases 2 → 4"):
-        Distiller(config, vp_denoise(net), lora, data, VP.sigmas).load_state(tensors, meta)
+        Distiller(config, vp_denoise(net), lora, data, VP).load_state(tensors, meta)
 
 
 def test_nan_stops_the_run_with_the_last_good_weights():
@@ -81,7 +84,7 @@ def test_nan_stops_the_run_with_the_last_good_weights():
         out = denoise(x, sigma, cond)
         return out * float("nan") if distiller.step >= 2 else out
 
-    distiller = Distiller(config, poisoned, lora, data, VP.sigmas)
+    distiller = Distiller(config, poisoned, lora, data, VP)
     distiller.train_step(), distiller.train_step()
     good = [p.clone() for p in lora.parameters()]
     with pytest.raises(DistillDiverged, match="step 3.*weights of step 2"):
@@ -102,15 +105,15 @@ def test_bad_settings_are_refused(change, message):
     for k, v in change.items():
         setattr(config, k, v)
     with pytest.raises(ValueError, match=message):
-        Distiller(config, vp_denoise(net), lora, data, VP.sigmas)
+        Distiller(config, vp_denoise(net), lora, data, VP)
 
 
 def test_empty_data_and_missing_uncond_are_refused():
     net, lora, data, config = make_setup()
     with pytest.raises(ValueError, match="data is empty"):
-        Distiller(config, vp_denoise(net), lora, LatentData(torch.zeros(0, 4, 8, 8), torch.zeros(1, 8)), VP.sigmas)
+        Distiller(config, vp_denoise(net), lora, LatentData(torch.zeros(0, 4, 8, 8), torch.zeros(1, 8)), VP)
     with pytest.raises(ValueError, match="needs the empty-prompt conditioning"):
-        Distiller(config, vp_denoise(net), lora, LatentData(data.latents, data.cond), VP.sigmas)
+        Distiller(config, vp_denoise(net), lora, LatentData(data.latents, data.cond), VP)
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
@@ -128,7 +131,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     for checkpointing in (False, True):
         net, lora, data, config = make_setup()
         handle = GradientCheckpointing([net.mid, net.conv_out]) if checkpointing else None
-        distiller = Distiller(config, vp_denoise(net), lora, data, VP.sigmas)
+        distiller = Distiller(config, vp_denoise(net), lora, data, VP)
         distiller.train_step()
         results.append([p.clone() for p in lora.parameters()])
         if handle:
@@ -147,8 +150,8 @@ def test_flow_models_train_with_the_euler_step():
             return flow.calculate_denoised(s, net(x, flow.timestep(sigma), cond), x)
         return denoise
 
-    net, lora, data, config = make_setup(flow=True)
-    distiller = Distiller(config, flow_denoise(net), lora, data, flow.sigmas)
+    net, lora, data, config = make_setup()
+    distiller = Distiller(config, flow_denoise(net), lora, data, flow)
     losses = [distiller.train_step() for _ in range(3)]
     assert all(math.isfinite(v) and v > 0 for v in losses)
 
@@ -181,7 +184,7 @@ SPLIT_BOUND = 1e-10
 
 def first_step_gradient(virtual_ranks, local_ranks=None, **overrides):
     net, lora, data, config = make_setup(dtype=torch.float64, **overrides)
-    distiller = Distiller(config, vp_denoise(net), lora, data, VP.sigmas, virtual_ranks=virtual_ranks)
+    distiller = Distiller(config, vp_denoise(net), lora, data, VP, virtual_ranks=virtual_ranks)
     if local_ranks is not None:
         distiller.local_ranks = local_ranks
     loss = distiller.gradients()

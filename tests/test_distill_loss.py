@@ -8,12 +8,13 @@ models (x = (1 − σ)·x0 + σ·ε, Euler = DDIM steps) on SD3's shifted σ tab
 import pytest
 import torch
 
-from fewstep.distill.phased_loss import ddim_jump, pcm_loss, pseudo_huber, sample_phased_targets
+from fewstep.distill.phased_loss import pcm_loss, pseudo_huber, sample_phased_targets
+from fewstep.samplers.forward_process import ddim_step
 from fewstep.schedulers.noise_schedules import DiscreteVPSampling, FlowSampling
 from fewstep.schedulers.pcm import ddim_timesteps, pcm_phase_edges
 
-SIGMAS = DiscreteVPSampling().sigmas  # float64 SD table
-FLOW_SIGMAS = FlowSampling(shift=3.0).sigmas
+VP, FLOW = DiscreteVPSampling(), FlowSampling(shift=3.0)  # float64: the SD table, SD3's shifted flow table
+SIGMAS, FLOW_SIGMAS = VP.sigmas, FLOW.sigmas
 DATA_STD = 0.7
 MEANS = {"cat": 0.5, "": -0.2}  # class-conditional means; "" is the empty prompt
 
@@ -49,7 +50,7 @@ def chain_student(phases, k, w, perturb=0.0, flow=False):
             edge, cur, x_cur = int(tg.edge), t, xi[None]
             while cur > edge:
                 nxt = max(cur - 1000 // k, 0)
-                x_cur = ddim_jump(x_cur, sigmas[cur], sigmas[nxt], guided(x_cur, sigmas[cur], w, flow), flow)
+                x_cur = ddim_step(FLOW if flow else VP, x_cur, sigmas[cur], sigmas[nxt], guided(x_cur, sigmas[cur], w, flow))
                 cur = nxt
             # invert the jump x' = c_d·D + r·x for D (VP: c_d = 1 − r; flow: c_d = (1 − σ_e) − r·(1 − σ))
             s_e = sigmas[edge]
@@ -83,8 +84,8 @@ def test_teacher_chain_student_has_zero_loss(phases, k, flow):
     exact = (lambda x, s, c: teacher(x, s, c, True)) if flow else teacher
 
     def loss_of(student, w_used):
-        return pcm_loss(student, exact, x0, noise, ["cat"] * k, [""] * k, sigmas, targets, torch.full((k,), w_used),
-                        huber_c=0.0, flow=flow)
+        return pcm_loss(student, exact, FLOW if flow else VP, x0, noise, ["cat"] * k, [""] * k, sigmas, targets,
+                        torch.full((k,), w_used), huber_c=0.0)
 
     loss = loss_of(chain_student(phases, k, w, flow=flow), w)
     assert loss.max().item() < 1e-12, loss.max().item()
@@ -105,4 +106,4 @@ def test_flow_ddim_jump_is_the_euler_step():
     x, d = torch.randn(3, 4, dtype=torch.float64), torch.randn(3, 4, dtype=torch.float64)
     s, s_to = torch.tensor(0.8, dtype=torch.float64), torch.tensor(0.3, dtype=torch.float64)
     velocity = (x - d) / s  # x = (1 − σ)·x0 + σ·ε  ⇒  dx/dσ = ε − x0 = (x − D)/σ
-    torch.testing.assert_close(ddim_jump(x, s, s_to, d, flow=True), x + (s_to - s) * velocity, rtol=0, atol=1e-15)
+    torch.testing.assert_close(ddim_step(FLOW, x, s, s_to, d), x + (s_to - s) * velocity, rtol=0, atol=1e-15)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from fewstep.samplers import sample_ctm_gamma, sample_pcm, sample_tcd
-from fewstep.samplers.common import forward_coefficients, forward_noise
+from fewstep.samplers.forward_process import forward_coefficients, forward_noise
 from fewstep.schedulers import lcm_sigmas, pcm_sigmas
 from fewstep.schedulers.noise_schedules import DiscreteVPSampling, FlowSampling
 

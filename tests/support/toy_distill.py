@@ -81,7 +81,7 @@ def advance(distiller, steps, resume_from=None):
 
 def run_steps(steps, seed=0, resume_from=None, virtual_ranks=1, **overrides):
     net, lora, data, config = make_setup(seed=seed, **overrides)
-    distiller = Distiller(config, vp_denoise(net), lora, data, VP.sigmas, virtual_ranks=virtual_ranks)
+    distiller = Distiller(config, vp_denoise(net), lora, data, VP, virtual_ranks=virtual_ranks)
     return advance(distiller, steps, resume_from)
 
 
