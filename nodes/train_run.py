@@ -14,12 +14,12 @@ from typing import Callable, Optional
 
 import torch
 
-from .. import __version__
 from ..distill.adversarial import AdversarialTerm, HookedFeatures
 from ..distill.engine import DistillConfig, DistillDiverged, Distiller, GradientCheckpointing, LatentData
 from ..distill.io import load_safetensors, save_safetensors_atomic
 from ..distill.lora import LoraSet
 from ..loras import presets
+from ..version import __version__
 from . import train_host
 from .lora_host import model_arch
 
