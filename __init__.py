@@ -18,7 +18,7 @@ def __getattr__(name):
 
 async def comfy_entrypoint():
     from .nodes import FewStepExtension
-    from .nodes.registration import register_all
+    from .host.registration import register_all
 
     register_all()
     return FewStepExtension()

@@ -169,8 +169,8 @@ def train(args, output, rank):
     import comfy.sd
     import torch
 
-    from ..nodes import train_host
-    from ..nodes.train_run import TrainingInterrupted, TrainJob, run
+    from ..host import training_model
+    from ..host.training_job import TrainingInterrupted, TrainJob, run
     from .engine import DistillConfig
 
     files = list_images(args.images)
@@ -183,8 +183,8 @@ def train(args, output, rank):
             latents = vae.encode(load_images(files, args.resolution, args.flip))
             if args.flip and len(prompts) > 1:
                 prompts = prompts + prompts
-            positive = train_host.encode_prompts(clip, prompts)
-            negative = train_host.encode_prompts(clip, [""])[0]
+            positive = training_model.encode_prompts(clip, prompts)
+            negative = training_model.encode_prompts(clip, [""])[0]
     config = DistillConfig(
         phases=args.phases, ddim_timesteps=args.ddim_timesteps, steps=args.steps, batch_size=args.batch_size,
         grad_accumulation=args.grad_accumulation, learning_rate=args.learning_rate, cfg_mode=args.cfg_mode,

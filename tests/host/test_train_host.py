@@ -1,4 +1,4 @@
-"""nodes/train_host.py in a real ComfyUI: the engine's denoiser, σ table, conditioning and LoRA targets.
+"""host/training_model.py in a real ComfyUI: the engine's denoiser, σ table, conditioning and LoRA targets.
 
 The reference is what sampling computes: `process_conds` + `calc_cond_batch` (the function every sampler's model
 call ends in) on the same x, σ and CONDITIONING, with a model_function_wrapper that records the kwargs sampling
@@ -26,9 +26,9 @@ LONG_PROMPT = " ".join(["a fox in the snow"] * 20)  # > 75 CLIP tokens: a 154-to
 
 @pytest.fixture(scope="module")
 def th(comfy_host):
-    from fewstep.nodes import train_host
+    from fewstep.host import training_model
 
-    return train_host
+    return training_model
 
 
 @pytest.fixture(scope="module")

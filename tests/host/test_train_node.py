@@ -221,7 +221,7 @@ def test_each_architecture_trains_and_loads_in_core(arch, comfy_host, run_node, 
 
 def test_adversarial_term_trains_resumes_exactly_and_leaves_no_hooks(comfy_host, run_node, tiny_models, data):
     """adversarial_weight > 0: discriminator heads on the teacher's UNet encoder features (with checkpointing on)."""
-    from fewstep.nodes.train_host import adversarial_features
+    from fewstep.host.training_model import adversarial_features
 
     latents, positive, empty = data
     modules, channels = adversarial_features(tiny_models.model)
@@ -268,7 +268,7 @@ def test_adversarial_term_per_architecture(arch, comfy_host, run_node, arch_mode
             train(run_node, model, latents, cond, uncond, name, steps=1, rank=2, adversarial_weight=0.1)
         assert not lora_file(comfy_host, name).exists()
         return
-    from fewstep.nodes.train_host import adversarial_features
+    from fewstep.host.training_model import adversarial_features
 
     assert len(adversarial_features(model)[0]) >= 2  # a Downsample per level but the last, and the middle block
     train(run_node, model, latents, cond, uncond, name, steps=2, rank=2, adversarial_weight=0.1)

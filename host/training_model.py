@@ -37,7 +37,7 @@ from comfy.ldm.modules.diffusionmodules.openaimodel import Downsample, ResBlock
 
 from ..distill.lora import lora_targets
 from ..loras.formats import parse_lora, read_lora_file
-from .lora_host import apply_lora, model_arch
+from .lora_patches import apply_lora, model_arch
 
 UNET_ARCHS = ("sd15", "sd2", "sdxl")
 # Conditioning features sampling supports but one batch row cannot express.
