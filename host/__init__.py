@@ -5,7 +5,8 @@
 - `training_model`: a ModelPatcher as the distillation engine (distill/) needs it: σ table, denoiser, conditioning
   batches, LoRA targets, checkpointed blocks, the student.
 - `training_job`: one training job (the PCM Distillation node and the CLI): model, latents, prompts in, LoRA out.
+- `distill_cli`: `python -m fewstep.distill`, the headless runner (starts ComfyUI in-process, runs a training job).
 
-This package imports nothing at import time: each module is imported by the node or CLI that needs it, after
-ComfyUI is importable.
+This package imports nothing at import time: each module is imported by the node or the CLI that needs it, once
+ComfyUI is importable (distill_cli imports ComfyUI only after it has put it on sys.path).
 """

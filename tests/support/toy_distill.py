@@ -92,7 +92,7 @@ def free_port():
 if __name__ == "__main__":
     import torch.distributed as dist
 
-    from fewstep.distill.cli import exit_without_teardown
+    from fewstep.distill.torchrun import exit_without_teardown
 
     dist.init_process_group("gloo")
     try:
@@ -103,4 +103,4 @@ if __name__ == "__main__":
                        sys.argv[1])
     finally:
         dist.destroy_process_group()
-    exit_without_teardown(0)  # as the CLI's workers do (see distill/cli.py)
+    exit_without_teardown(0)  # as the CLI's workers do (see distill/torchrun.py)

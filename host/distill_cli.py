@@ -7,7 +7,8 @@ global batch from the shared seed and takes its slice, gradients are averaged, r
 result equals one process at the same global batch (--batch-size is global and must divide by N).
 
 ComfyUI is found from --comfyui, $COMFYUI_PATH, or the folder two levels up when the pack sits in
-ComfyUI/custom_nodes.
+ComfyUI/custom_nodes. Nothing here imports ComfyUI before `start_host` has put it on sys.path, so `--help` and
+argument errors need no ComfyUI; `distill/__main__.py` only calls `entry_point`.
 """
 import argparse
 import logging
@@ -16,11 +17,13 @@ import pathlib
 import signal
 import sys
 
+from ..distill.torchrun import exit_without_teardown
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
 def parse_args(argv=None):
-    from .engine import CFG_MODES, PRECISIONS
+    from ..distill.engine import CFG_MODES, PRECISIONS
 
     p = argparse.ArgumentParser(prog="python -m fewstep.distill", description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", required=True, help="model checkpoint (.safetensors) with UNet, CLIP and VAE")
@@ -125,16 +128,12 @@ def read_prompts(args, files):
     raise SystemExit("No prompts: give --prompt, --prompts FILE, or a <image>.txt caption beside every image.")
 
 
-def exit_without_teardown(code=0):
-    """Leave a torchrun worker once its process group is destroyed and its files are written.
-
-    torch 2.13's gloo backend leaves a C++ thread that aborts interpreter shutdown now and then ("terminate called
-    without an active exception", after all Python code has run), and torchrun would then report a finished run
-    as failed: flush the output and exit without that teardown."""
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code or 0)
+def entry_point():
+    """`python -m fewstep.distill`: exit with main's code; torchrun workers exit without interpreter teardown."""
+    code = main()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        exit_without_teardown(code)
+    sys.exit(code)
 
 
 def main(argv=None):
@@ -169,9 +168,9 @@ def train(args, output, rank):
     import comfy.sd
     import torch
 
-    from ..host import training_model
-    from ..host.training_job import TrainingInterrupted, TrainJob, run
-    from .engine import DistillConfig
+    from ..distill.engine import DistillConfig
+    from . import training_model
+    from .training_job import TrainingInterrupted, TrainJob, run
 
     files = list_images(args.images)
     prompts = read_prompts(args, files)
