@@ -169,7 +169,7 @@ def train(args, output, rank):
     import torch
 
     from ..distill.engine import DistillConfig
-    from . import training_model
+    from .training_model import encode_prompts
     from .training_job import TrainingInterrupted, TrainJob, run
 
     files = list_images(args.images)
@@ -182,8 +182,8 @@ def train(args, output, rank):
             latents = vae.encode(load_images(files, args.resolution, args.flip))
             if args.flip and len(prompts) > 1:
                 prompts = prompts + prompts
-            positive = training_model.encode_prompts(clip, prompts)
-            negative = training_model.encode_prompts(clip, [""])[0]
+            positive = encode_prompts(clip, prompts)
+            negative = encode_prompts(clip, [""])[0]
     config = DistillConfig(
         phases=args.phases, ddim_timesteps=args.ddim_timesteps, steps=args.steps, batch_size=args.batch_size,
         grad_accumulation=args.grad_accumulation, learning_rate=args.learning_rate, cfg_mode=args.cfg_mode,

@@ -20,8 +20,7 @@ from ..distill.io import load_safetensors, save_safetensors_atomic
 from ..distill.lora import LoraSet
 from ..loras import presets
 from ..version import __version__
-from . import training_model
-from .lora_patches import model_arch
+from .training_model import TrainingModel
 
 log = logging.getLogger("fewstep")
 
@@ -95,24 +94,24 @@ def run(job: TrainJob) -> TrainResult:
     import comfy.model_management as mm
 
     config = dataclasses.replace(job.config)
-    sigmas, kind = training_model.training_sigmas(job.model)
+    teacher = TrainingModel(job.model)
+    sigmas, kind = teacher.sigmas()
     config.flow = kind == "flow"
     config.check(len(job.latents))
-    arch = model_arch(job.model)
-    feature_modules, feature_channels = (training_model.adversarial_features(job.model) if config.adversarial_weight > 0
+    arch = teacher.arch
+    feature_modules, feature_channels = (teacher.adversarial_features() if config.adversarial_weight > 0
                                          else (None, None))
     with torch.inference_mode(False):
         mm.load_models_gpu([job.model], force_full_load=True)
         base = job.model.model
         latents = base.process_latent_in(job.latents.detach().clone().float())
-        positive = training_model.conditioning_batch(job.model, job.positive, tuple(latents.shape), "cpu")
-        negative = (training_model.conditioning_batch(job.model, [job.negative], tuple(latents.shape), "cpu")
+        positive = teacher.conditioning_batch(job.positive, tuple(latents.shape), "cpu")
+        negative = (teacher.conditioning_batch([job.negative], tuple(latents.shape), "cpu")
                     if job.negative is not None else None)
         data = LatentData(latents, positive, negative)
-        denoise = training_model.training_denoiser(job.model)  # also frees the weights from inference mode
-        lora = LoraSet(base.diffusion_model, training_model.lora_target_names(job.model), job.rank, job.alpha,
-                       seed=config.seed)
-        checkpointing = GradientCheckpointing(training_model.checkpoint_blocks(job.model), lora=lora) \
+        denoise = teacher.denoiser()  # also frees the weights from inference mode
+        lora = LoraSet(base.diffusion_model, teacher.lora_target_names(), job.rank, job.alpha, seed=config.seed)
+        checkpointing = GradientCheckpointing(teacher.checkpoint_blocks(), lora=lora) \
             if job.gradient_checkpointing else None
         features = HookedFeatures(denoise, feature_modules) if feature_modules else None
         try:

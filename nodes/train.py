@@ -16,7 +16,7 @@ import torch
 from comfy_api.latest import io
 
 from ..distill.engine import CFG_MODES, PRECISIONS, DistillConfig, DistillDiverged
-from ..host import training_model
+from ..host.training_model import TrainingModel, encode_prompts
 from ..host.training_job import TrainingInterrupted, TrainJob, run
 from ..samplers import sample_pcm
 from ..schedulers import pcm_sigmas
@@ -76,7 +76,7 @@ def validation_images(model, positive, negative, latent_shape, phases, ddim_time
         samples = comfy.sample.sample_custom(model, noise, cfg, sampler, sigmas, positive, negative or positive, latent,
                                              disable_pbar=True, seed=seed)
         rows.append(vae.decode(samples)[..., :3] if vae is not None
-                    else training_model.latent_preview_images(model, samples, model_space=False))
+                    else TrainingModel(model).latent_preview_images(samples, model_space=False))
     return torch.cat([r.float().cpu() for r in rows], dim=0)
 
 
@@ -234,7 +234,7 @@ class PCMDistill(io.ComfyNode):
         except DistillDiverged as error:
             raise RuntimeError(str(error)) from None
         relative = lora_path.relative_to(loras_root())
-        student = training_model.student_model(model, str(lora_path), relative.as_posix())
+        student = TrainingModel(model).student(str(lora_path), relative.as_posix())
         with torch.inference_mode(False), torch.no_grad():
             images = validation_images(student, positive[0], negative, (1,) + tuple(samples.shape[1:]), phases,
                                        ddim_timesteps, validation_cfg, seed, vae)
@@ -248,9 +248,9 @@ class PCMDistill(io.ComfyNode):
         if clip is not None and lines:
             if positive is not None:
                 raise ValueError("Connect either positive conditioning or clip + prompts, not both.")
-            positive = training_model.encode_prompts(clip, lines)
+            positive = encode_prompts(clip, lines)
             if negative is None:
-                negative = training_model.encode_prompts(clip, [""])[0]
+                negative = encode_prompts(clip, [""])[0]
         elif positive is None:
             raise ValueError("No prompts: connect positive conditioning (one per latent or one shared), or clip and "
                              "prompts (one per line).")
