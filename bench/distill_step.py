@@ -7,7 +7,7 @@ One `Distiller.train_step()` of PCM distillation costs, at the least, what its m
           + t_target (the target jump: a no-grad forward with the LoRA on)
 
 Each term is timed on its own, at the same batch and through the same host path the training node uses
-(`nodes/train_host.py`: `training_denoiser`, `conditioning_batch`, `lora_target_names`, `checkpoint_blocks`;
+(`host/training_model.py`: `TrainingModel`'s `denoiser`, `conditioning_batch`, `lora_target_names`, `checkpoint_blocks`;
 the LoRA hooked on with `LoraSet`, checkpointing with the engine's `GradientCheckpointing`), and
 t_step = median `train_step()` time. ratio = t_step / floor; everything else the step does (random draws,
 conditioning rows, loss maths, gradient clipping, AdamW) is overhead against the goal. The "counting" floor is
@@ -82,7 +82,7 @@ def tiny_sd15(size, n, seed):
     import comfy.model_management as mm
     import comfy.sd
     from fewstep.distill.engine import LatentData
-    from fewstep.nodes import train_host
+    from fewstep.host.training_model import TrainingModel, empty_conditioning, encode_prompts
     from support.tiny_checkpoint import cached_tiny_sd15
 
     model, clip, _, _ = comfy.sd.load_checkpoint_guess_config(str(cached_tiny_sd15(0)), output_vae=False,
@@ -91,8 +91,8 @@ def tiny_sd15(size, n, seed):
     with torch.inference_mode(False):
         mm.load_models_gpu([model], force_full_load=True)
         latents = model.model.process_latent_in(torch.randn(n, 4, size, size, generator=torch.Generator().manual_seed(seed)))
-        positive = train_host.conditioning_batch(model, train_host.encode_prompts(clip, prompts), latents.shape, "cpu")
-        negative = train_host.conditioning_batch(model, [train_host.empty_conditioning(clip)], latents.shape, "cpu")
+        positive = TrainingModel(model).conditioning_batch(encode_prompts(clip, prompts), latents.shape, "cpu")
+        negative = TrainingModel(model).conditioning_batch([empty_conditioning(clip)], latents.shape, "cpu")
     return model, LatentData(latents, positive, negative)
 
 
@@ -126,7 +126,7 @@ def full_size(arch, size, n, device, dtype, seed):
     import comfy.model_management as mm
     import comfy.model_patcher
     from fewstep.distill.engine import LatentData
-    from fewstep.nodes import train_host
+    from fewstep.host.training_model import TrainingModel
 
     unet, context_dim, pooled_dim = FULL_SIZE[arch]
     config = comfy.model_detection.model_config_from_unet_config(dict(unet, dtype=dtype))
@@ -146,8 +146,8 @@ def full_size(arch, size, n, device, dtype, seed):
             extra = {"pooled_output": torch.randn(1, pooled_dim, generator=gen)} if pooled_dim else {}
             return [[torch.randn(1, 77, context_dim, generator=gen), extra]]
         # on the CPU, as run() keeps them: the engine moves each micro-batch's rows to the device
-        positive = train_host.conditioning_batch(model, [conditioning() for _ in range(n)], latents.shape, "cpu")
-        negative = train_host.conditioning_batch(model, [conditioning()], latents.shape, "cpu")
+        positive = TrainingModel(model).conditioning_batch([conditioning() for _ in range(n)], latents.shape, "cpu")
+        negative = TrainingModel(model).conditioning_batch([conditioning()], latents.shape, "cpu")
     return model, LatentData(latents, positive, negative)
 
 
@@ -271,7 +271,7 @@ def child(opts):
         torch.set_num_threads(opts.threads)
     from fewstep.distill.engine import PRECISIONS
     from fewstep.distill.lora import LoraSet
-    from fewstep.nodes import train_host
+    from fewstep.host import training_model
 
     device = torch.device("cuda" if cuda else "cpu")
     n = max(2 * max(opts.batches), 4)  # more latents than the batch: each step gathers its rows
@@ -282,18 +282,19 @@ def child(opts):
         model, data = full_size(opts.model, opts.size, n, device, autocast_dtype or torch.float32, seed=0)
     memory = CudaMemory(torch) if cuda else CpuMemory()
     with torch.inference_mode(False):
-        sigmas, kind = train_host.training_sigmas(model)
-        denoise = train_host.training_denoiser(model)
+        teacher = training_model.TrainingModel(model)
+        sigmas, kind = teacher.sigmas()
+        denoise = teacher.denoiser()
         base = model.model
-        lora = LoraSet(base.diffusion_model, train_host.lora_target_names(model), RANK, ALPHA, seed=0)
-        blocks = train_host.checkpoint_blocks(model)
+        lora = LoraSet(base.diffusion_model, teacher.lora_target_names(), RANK, ALPHA, seed=0)
+        blocks = teacher.checkpoint_blocks()
         try:
             for batch in opts.batches:
                 out = measure(opts, batch, device, model, data, sigmas, kind, denoise, lora, blocks, memory)
                 # what the host's per-call guard costs when nothing is left to replace (every grad-enabled call)
                 start = time.perf_counter()
                 for _ in range(20):
-                    train_host._own_inference_tensors(base)
+                    training_model._own_inference_tensors(base)
                 out["own_inference_ms"] = (time.perf_counter() - start) / 20 * 1000
                 out.update(lora_params=sum(p.numel() for p in lora.parameters()),
                            unet_params=sum(p.numel() for p in base.diffusion_model.parameters()),

@@ -121,7 +121,7 @@ STAGES = {}  # ours: seconds per step of the load, for the breakdown line
 def load_ours(path, model, clip):
     from fewstep.loras import presets
     from fewstep.loras.formats import parse_lora, read_lora_file
-    from fewstep.nodes.lora_host import apply_lora
+    from fewstep.host.lora_patches import apply_lora
 
     name = os.path.basename(path)
     t0 = time.perf_counter()
@@ -160,7 +160,7 @@ def child(loader, path, profile, threads):
         import torch
 
         torch.set_num_threads(threads)
-    import fewstep.nodes.lora_host  # noqa: F401  (imports outside the timed part, for both loaders)
+    import fewstep.host.lora_patches  # noqa: F401  (imports outside the timed part, for both loaders)
     from fewstep.loras import formats, presets  # noqa: F401
 
     import comfy.lora  # noqa: F401

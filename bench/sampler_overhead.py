@@ -24,7 +24,7 @@ import torch  # noqa: E402
 
 import comfy.sample  # noqa: E402
 import comfy.sd  # noqa: E402
-from fewstep.nodes.registration import register_all  # noqa: E402
+from fewstep.host.registration import register_all  # noqa: E402
 from support.tiny_checkpoint import cached_tiny_sd15  # noqa: E402
 
 SAMPLERS = ["euler", "pcm", "tcd", "ctm_gamma", "lcm"]

@@ -6,7 +6,10 @@
   checkpointing, NaN guard, resumable state, data parallel over torch.distributed.
 - `adversarial`: the optional adversarial term (discriminator heads on frozen teacher features, hinge loss).
 - `io`: atomic safetensors files.
-- `cli`: `python -m fewstep.distill`, the headless runner (imports ComfyUI; the modules above do not).
+- `torchrun`: leaving a torchrun worker cleanly.
+
+`python -m fewstep.distill` runs the headless runner, host/distill_cli.py (it imports ComfyUI; nothing here does):
+`__main__` is only run, never imported, and is the one module here that reaches the host.
 """
 from .adversarial import AdversarialTerm, DiscriminatorHeads, HookedFeatures
 from .engine import DistillConfig, DistillDiverged, Distiller, GradientCheckpointing, LatentData

@@ -1,10 +1,5 @@
-"""`python -m fewstep.distill --help`: headless phased consistency distillation (see distill/cli.py)."""
-import os
-import sys
+"""`python -m fewstep.distill`: the headless runner, host/distill_cli.py. Only run, never imported: the one module
+of distill/ that reaches the host on purpose (tests/test_layering.py leaves it out)."""
+from ..host.distill_cli import entry_point
 
-from .cli import exit_without_teardown, main
-
-code = main()
-if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-    exit_without_teardown(code)
-sys.exit(code)
+entry_point()

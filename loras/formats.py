@@ -10,7 +10,7 @@ A LoRA file is a flat dict of tensors. Every trainer spells the same thing diffe
 
 `parse_lora` groups the tensors into one `LoraModule` per patched layer (up, down, optional mid,
 scale) and lists every tensor it could not place, so nothing is dropped silently. Which model weight
-a module patches is the host's business (nodes/lora_host.py); this module only offers the name
+a module patches is the host's business (host/lora_patches.py); this module only offers the name
 variants (`module_aliases`) to try.
 """
 from __future__ import annotations

@@ -33,7 +33,7 @@ ARCHES = ("sd15", "sdxl", "ssd1b", "sd3", "flux")
 ARCH_NAMES = {"sd15": "SD1.5", "sdxl": "SDXL", "ssd1b": "SSD-1B", "sd3": "SD3", "flux": "FLUX"}
 FAMILIES = ("pcm", "hyper_sd", "tcd", "lcm", "fewstep", "unknown")
 
-# Names the table may use: the pack's own (nodes/registration.py) and ComfyUI core ones.
+# Names the table may use: the pack's own (host/registration.py) and ComfyUI core ones.
 PACK_SAMPLERS = ("pcm", "tcd", "ctm_gamma")
 PACK_SCHEDULERS = ("pcm", "lcm", "hyper_sd_1step")
 CORE_SAMPLERS = ("euler", "lcm", "ddim")

@@ -17,7 +17,7 @@ from ..loras import presets as preset_table
 from ..loras.formats import LoraFileError, arch_label, check_lora_path, parse_lora, read_lora_file, read_safetensors_header
 from ..samplers import sample_ctm_gamma, sample_pcm, sample_tcd
 from ..schedulers import apply_denoise, hyper_sd_1step_sigmas, lcm_sigmas, pcm_sigmas
-from .lora_host import apply_lora, model_arch
+from ..host.lora_patches import apply_lora, model_arch
 
 log = logging.getLogger("fewstep")
 
@@ -36,7 +36,7 @@ def _inside(path: str, folders) -> bool:
     return False
 
 
-def resolve_model_file(folder: str, name: str) -> str:
+def _resolve_model_file(folder: str, name: str) -> str:
     """Full path of `name` inside ComfyUI's models/<folder>, refusing anything that would leave it."""
     if not isinstance(name, str) or not name or os.path.isabs(name) or ".." in name.replace("\\", "/").split("/"):
         raise LoraFileError(f"{name!r} is not a file name inside models/{folder}; pick a file from the list.")
@@ -46,7 +46,7 @@ def resolve_model_file(folder: str, name: str) -> str:
     return path
 
 
-def load_lora_file(path: str):
+def _load_lora_file(path: str):
     stat = os.stat(path)
     hit = _cache.get(path)
     if hit is not None and hit[:2] == (stat.st_mtime_ns, stat.st_size):
@@ -60,7 +60,7 @@ def load_lora_file(path: str):
 def _cheap_file_check(folder, name):
     """validate_inputs: problems visible without reading tensor data, as a message, else True."""
     try:
-        path = resolve_model_file(folder, name)
+        path = _resolve_model_file(folder, name)
         check_lora_path(path)
         read_safetensors_header(path)
     except (LoraFileError, OSError) as e:
@@ -68,7 +68,7 @@ def _cheap_file_check(folder, name):
     return True
 
 
-class LoraLoader(io.ComfyNode):
+class FewStepLoraLoader(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -116,8 +116,8 @@ class LoraLoader(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, lora_name, strength_model, strength_clip, use_recommended_strength, clip=None) -> io.NodeOutput:
-        path = resolve_model_file("loras", lora_name)
-        tensors, metadata = load_lora_file(path)
+        path = _resolve_model_file("loras", lora_name)
+        tensors, metadata = _load_lora_file(path)
         parsed = parse_lora(tensors, metadata)
         preset = preset_table.preset_for(lora_name, metadata, parsed.base_arch, max(parsed.ranks, default=None))
         strength = preset.strength if use_recommended_strength else strength_model
@@ -132,7 +132,7 @@ def _unet_choices():
             + [f"checkpoints/{n}" for n in folder_paths.get_filename_list("checkpoints")])
 
 
-class OneStepUNetLoader(io.ComfyNode):
+class FewStepHyperSD1StepUNetLoader(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -162,7 +162,7 @@ class OneStepUNetLoader(io.ComfyNode):
     @classmethod
     def execute(cls, unet_name) -> io.NodeOutput:
         folder, _, name = unet_name.partition("/")
-        path = resolve_model_file(folder, name)
+        path = _resolve_model_file(folder, name)
         check_lora_path(path)  # the same rule as LoRAs: safetensors only, never unpickle
         if folder == "checkpoints":
             model = comfy.sd.load_checkpoint_guess_config(path, output_vae=False, output_clip=False)[0]
@@ -184,7 +184,7 @@ def _one_step_unet_preset():
     return next(p for p in preset_table.all_presets().values() if p.scheduler == "hyper_sd_1step")
 
 
-def preset_sampler(preset, gamma):
+def _preset_sampler(preset, gamma):
     """The KSAMPLER a preset asks for; γ only matters to the stochastic samplers."""
     if preset.sampler == "pcm":
         return comfy.samplers.KSAMPLER(sample_pcm)
@@ -197,7 +197,7 @@ def preset_sampler(preset, gamma):
     return comfy.samplers.sampler_object(preset.sampler)
 
 
-def preset_sigmas(model, preset, steps, denoise):
+def _preset_sigmas(model, preset, steps, denoise):
     ms = model.get_model_object("model_sampling")
     if preset.scheduler == "pcm":
         phases, k = getattr(preset, "phases", None), getattr(preset, "ddim_timesteps", None)
@@ -211,7 +211,7 @@ def preset_sigmas(model, preset, steps, denoise):
     return apply_denoise(lambda n: comfy.samplers.calculate_sigmas(ms, preset.scheduler, n).cpu(), steps, denoise)
 
 
-def preset_model(model, preset):
+def _preset_model(model, preset):
     """Model-sampling patches a family needs: LCM's boundary condition, SD3's flow shift."""
     from comfy_extras.nodes_model_advanced import ModelSamplingDiscrete, ModelSamplingSD3
 
@@ -224,7 +224,7 @@ def preset_model(model, preset):
     return model
 
 
-class FastSampler(io.ComfyNode):
+class FewStepFastSampler(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -257,9 +257,9 @@ class FastSampler(io.ComfyNode):
         steps = steps or preset.steps
         cfg = cfg or preset.cfg
         gamma = gamma if gamma >= 0 else (preset.gamma if preset.gamma is not None else 0.0)
-        model = preset_model(model, preset)
-        sampler = preset_sampler(preset, gamma)
-        sigmas = preset_sigmas(model, preset, steps, denoise)
+        model = _preset_model(model, preset)
+        sampler = _preset_sampler(preset, gamma)
+        sigmas = _preset_sigmas(model, preset, steps, denoise)
 
         latent = latent_image.copy()
         samples = comfy.sample.fix_empty_latent_channels(model, latent_image["samples"])
@@ -271,7 +271,7 @@ class FastSampler(io.ComfyNode):
         return io.NodeOutput(latent)
 
 
-class PresetToKSampler(io.ComfyNode):
+class FewStepPresetToKSampler(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -304,4 +304,4 @@ class PresetToKSampler(io.ComfyNode):
                              float(preset.strength), " ".join(notes))
 
 
-NODES = [LoraLoader, OneStepUNetLoader, FastSampler, PresetToKSampler]
+NODES = [FewStepLoraLoader, FewStepHyperSD1StepUNetLoader, FewStepFastSampler, FewStepPresetToKSampler]

@@ -12,7 +12,7 @@ from .schedulers import _out_of_range, _verdict
 CATEGORY = "sampling/custom_sampling/schedulers"
 
 
-def draw_schedule(sigmas, timesteps=None, edge_sigmas=(), width=768, height=432, title=""):
+def _draw_schedule(sigmas, timesteps=None, edge_sigmas=(), width=768, height=432, title=""):
     """Render the schedule to an RGB uint8 array (pure PIL; no ComfyUI types)."""
     img = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(img)
@@ -54,7 +54,7 @@ def draw_schedule(sigmas, timesteps=None, edge_sigmas=(), width=768, height=432,
     return np.asarray(img)
 
 
-class SchedulePreview(io.ComfyNode):
+class FewStepSchedulePreview(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -92,11 +92,11 @@ class SchedulePreview(io.ComfyNode):
             timesteps = [int(round(float(ms.timestep(s)))) if float(s) > 0 else "-" for s in sigmas.float()]
             if phases > 0:
                 edges = [float(ms.sigmas[t]) for t in pcm_phase_edges(phases, ddim_timesteps, len(ms.sigmas))[1:-1]]
-        array = draw_schedule(sigmas, timesteps, edges, width, height)
+        array = _draw_schedule(sigmas, timesteps, edges, width, height)
         return io.NodeOutput(torch.from_numpy(array.astype(np.float32) / 255.0)[None])
 
 
-def draw_loss_curve(losses, width=768, height=432, title=""):
+def _draw_loss_curve(losses, width=768, height=432, title=""):
     """Training loss per optimiser step (log scale) with a 20-step moving average, as an RGB uint8 array."""
     img = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(img)

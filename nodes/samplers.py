@@ -7,7 +7,7 @@ from ..samplers import sample_ctm_gamma, sample_pcm, sample_tcd
 CATEGORY = "sampling/custom_sampling/samplers"
 
 
-class TCDSampler(io.ComfyNode):
+class FewStepTCDSampler(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -30,7 +30,7 @@ class TCDSampler(io.ComfyNode):
         return io.NodeOutput(comfy.samplers.KSAMPLER(sample_tcd, extra_options={"gamma": float(gamma)}))
 
 
-class CTMGammaSampler(io.ComfyNode):
+class FewStepCTMGammaSampler(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -51,7 +51,7 @@ class CTMGammaSampler(io.ComfyNode):
         return io.NodeOutput(comfy.samplers.KSAMPLER(sample_ctm_gamma, extra_options={"gamma": float(gamma)}))
 
 
-class PCMSampler(io.ComfyNode):
+class FewStepPCMSampler(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(

@@ -26,7 +26,7 @@ def _model_sampling(model):
     return model.get_model_object("model_sampling")
 
 
-class PCMScheduler(io.ComfyNode):
+class FewStepPCMScheduler(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -69,7 +69,7 @@ class PCMScheduler(io.ComfyNode):
         return io.NodeOutput(sigmas)
 
 
-class LCMGridScheduler(io.ComfyNode):
+class FewStepLCMScheduler(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -106,7 +106,7 @@ class LCMGridScheduler(io.ComfyNode):
         return io.NodeOutput(lcm_sigmas(_model_sampling(model), steps, denoise, end, original_steps=original_steps))
 
 
-class HyperSD1StepScheduler(io.ComfyNode):
+class FewStepHyperSD1StepScheduler(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(

@@ -16,11 +16,11 @@ import torch
 from comfy_api.latest import io
 
 from ..distill.engine import CFG_MODES, PRECISIONS, DistillConfig, DistillDiverged
+from ..host.training_model import TrainingModel, encode_prompts
+from ..host.training_job import TrainingInterrupted, TrainJob, run
 from ..samplers import sample_pcm
 from ..schedulers import pcm_sigmas
-from . import train_host
-from .preview import draw_loss_curve
-from .train_run import TrainingInterrupted, TrainJob, run
+from .preview import _draw_loss_curve
 
 log = logging.getLogger("fewstep")
 
@@ -28,12 +28,12 @@ VALIDATION_STEPS = (1, 2, 4)
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.+-]*(/[A-Za-z0-9][A-Za-z0-9 _.+-]*)*$")
 
 
-def loras_root() -> pathlib.Path:
+def _loras_root() -> pathlib.Path:
     """The folder trained LoRAs go to: the first models/loras path."""
     return pathlib.Path(folder_paths.get_folder_paths("loras")[0]).resolve()
 
 
-def lora_output_path(output_name: str) -> pathlib.Path:
+def _lora_output_path(output_name: str) -> pathlib.Path:
     """models/loras/<output_name>.safetensors; names that would leave models/loras are refused."""
     name = (output_name or "").strip()
     if name.endswith(".safetensors"):
@@ -41,14 +41,14 @@ def lora_output_path(output_name: str) -> pathlib.Path:
     if not NAME_PATTERN.match(name) or ".." in name.split("/"):
         raise ValueError(f"output_name {output_name!r} is not a plain file name inside models/loras: use letters, "
                          "digits, space, _ . + - and optionally sub/folders, no '..' and no absolute path.")
-    root = loras_root()
+    root = _loras_root()
     path = (root / (name + ".safetensors")).resolve()
     if root not in path.parents:
         raise ValueError(f"output_name {output_name!r} leaves models/loras.")
     return path
 
 
-def check_writable(folder: pathlib.Path):
+def _check_writable(folder: pathlib.Path):
     try:
         folder.mkdir(parents=True, exist_ok=True)
         probe = folder / f".fewstep-write-test-{os.getpid()}"
@@ -59,12 +59,12 @@ def check_writable(folder: pathlib.Path):
                          "or pick another output_name.") from None
 
 
-def state_path_for(lora_path: pathlib.Path) -> pathlib.Path:
-    relative = lora_path.relative_to(loras_root()).with_suffix("")
+def _state_path_for(lora_path: pathlib.Path) -> pathlib.Path:
+    relative = lora_path.relative_to(_loras_root()).with_suffix("")
     return pathlib.Path(folder_paths.get_output_directory()) / "fewstep_training" / relative / "state.safetensors"
 
 
-def validation_images(model, positive, negative, latent_shape, phases, ddim_timesteps, cfg, seed, vae=None):
+def _validation_images(model, positive, negative, latent_shape, phases, ddim_timesteps, cfg, seed, vae=None):
     """The pack's `pcm` sampler at 1, 2 and 4 steps on the trained phase edges, from one seeded noise."""
     ms = model.get_model_object("model_sampling")
     latent = torch.zeros(latent_shape)
@@ -76,11 +76,11 @@ def validation_images(model, positive, negative, latent_shape, phases, ddim_time
         samples = comfy.sample.sample_custom(model, noise, cfg, sampler, sigmas, positive, negative or positive, latent,
                                              disable_pbar=True, seed=seed)
         rows.append(vae.decode(samples)[..., :3] if vae is not None
-                    else train_host.latent_preview_images(model, samples, model_space=False))
+                    else TrainingModel(model).latent_preview_images(samples, model_space=False))
     return torch.cat([r.float().cpu() for r in rows], dim=0)
 
 
-class PCMDistill(io.ComfyNode):
+class FewStepPCMDistill(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -169,7 +169,7 @@ class PCMDistill(io.ComfyNode):
     def validate_inputs(cls, output_name=None, phases=None, ddim_timesteps=None, w_min=None, w_max=None):
         if output_name is not None:
             try:
-                lora_output_path(output_name)
+                _lora_output_path(output_name)
             except ValueError as error:
                 return str(error)
         if phases is not None and ddim_timesteps is not None and phases > ddim_timesteps:
@@ -188,9 +188,9 @@ class PCMDistill(io.ComfyNode):
         if samples is None or samples.ndim != 4 or samples.shape[0] == 0:
             raise ValueError("latents is empty: connect a batch of latents (e.g. VAE Encode of your images).")
         positive, negative = cls.conditioning(clip, prompts, positive, negative, len(samples))
-        lora_path = lora_output_path(output_name)
-        check_writable(lora_path.parent)
-        state_path = state_path_for(lora_path)
+        lora_path = _lora_output_path(output_name)
+        _check_writable(lora_path.parent)
+        state_path = _state_path_for(lora_path)
         if not resume and state_path.is_file():
             log.info("fewstep: resume is off; starting %s from scratch (old state replaced at the first save)",
                      lora_path.name)
@@ -216,8 +216,8 @@ class PCMDistill(io.ComfyNode):
                                                    "eta_s": eta}, server.client_id)
 
         def validate(step):
-            images = validation_images(model, positive[0], negative, (1,) + tuple(samples.shape[1:]), phases,
-                                       ddim_timesteps, validation_cfg, seed, vae)
+            images = _validation_images(model, positive[0], negative, (1,) + tuple(samples.shape[1:]), phases,
+                                        ddim_timesteps, validation_cfg, seed, vae)
             _save_png(images, val_dir / f"validation_step{step:06d}.png")
 
         job = TrainJob(model=model, latents=samples, positive=positive, negative=negative, config=config, rank=rank,
@@ -233,13 +233,13 @@ class PCMDistill(io.ComfyNode):
             raise comfy.model_management.InterruptProcessingException() from None  # the host's "interrupted" status
         except DistillDiverged as error:
             raise RuntimeError(str(error)) from None
-        relative = lora_path.relative_to(loras_root())
-        student = train_host.student_model(model, str(lora_path), relative.as_posix())
+        relative = lora_path.relative_to(_loras_root())
+        student = TrainingModel(model).student(str(lora_path), relative.as_posix())
         with torch.inference_mode(False), torch.no_grad():
-            images = validation_images(student, positive[0], negative, (1,) + tuple(samples.shape[1:]), phases,
-                                       ddim_timesteps, validation_cfg, seed, vae)
-        curve = torch.from_numpy(np.array(draw_loss_curve(result.losses, title=f"{relative.as_posix()}: loss per step "
-                                                 f"(log scale), {result.steps} steps"))).float()[None] / 255.0
+            images = _validation_images(student, positive[0], negative, (1,) + tuple(samples.shape[1:]), phases,
+                                        ddim_timesteps, validation_cfg, seed, vae)
+        curve = torch.from_numpy(np.array(_draw_loss_curve(result.losses, title=f"{relative.as_posix()}: loss per step "
+                                                  f"(log scale), {result.steps} steps"))).float()[None] / 255.0
         return io.NodeOutput(student, relative.as_posix(), curve, images)
 
     @staticmethod
@@ -248,9 +248,9 @@ class PCMDistill(io.ComfyNode):
         if clip is not None and lines:
             if positive is not None:
                 raise ValueError("Connect either positive conditioning or clip + prompts, not both.")
-            positive = train_host.encode_prompts(clip, lines)
+            positive = encode_prompts(clip, lines)
             if negative is None:
-                negative = train_host.encode_prompts(clip, [""])[0]
+                negative = encode_prompts(clip, [""])[0]
         elif positive is None:
             raise ValueError("No prompts: connect positive conditioning (one per latent or one shared), or clip and "
                              "prompts (one per line).")
@@ -283,4 +283,4 @@ def _save_png(images, path):
     Image.fromarray(np.concatenate(list(strip), axis=1)).save(path)
 
 
-NODES = [PCMDistill]
+NODES = [FewStepPCMDistill]

@@ -15,7 +15,7 @@ from fewstep.loras.formats import parse_lora
 
 
 def apply_lora(*args):
-    from fewstep.nodes.lora_host import apply_lora as apply  # needs the started host
+    from fewstep.host.lora_patches import apply_lora as apply  # needs the started host
 
     return apply(*args)
 

@@ -1,4 +1,4 @@
-"""nodes/train_host.py in a real ComfyUI: the engine's denoiser, σ table, conditioning and LoRA targets.
+"""host/training_model.py in a real ComfyUI: the engine's denoiser, σ table, conditioning and LoRA targets.
 
 The reference is what sampling computes: `process_conds` + `calc_cond_batch` (the function every sampler's model
 call ends in) on the same x, σ and CONDITIONING, with a model_function_wrapper that records the kwargs sampling
@@ -26,9 +26,9 @@ LONG_PROMPT = " ".join(["a fox in the snow"] * 20)  # > 75 CLIP tokens: a 154-to
 
 @pytest.fixture(scope="module")
 def th(comfy_host):
-    from fewstep.nodes import train_host
+    from fewstep.host import training_model
 
-    return train_host
+    return training_model
 
 
 @pytest.fixture(scope="module")
@@ -128,8 +128,9 @@ def test_denoiser_and_conditioning_equal_sampling(arch, models, arch_conds, th):
     cond_a, cond_b = arch_conds(arch)
     unload_all()
     load(model)
-    denoise = th.training_denoiser(model)
-    table, _ = th.training_sigmas(model)
+    training_model = th.TrainingModel(model)
+    denoise = training_model.denoiser()
+    table, _ = training_model.sigmas()
     shape = (2, LATENT_CHANNELS[arch]) + LATENT_HW
 
     # Same x and σ for two conditionings: sampling runs both in one batch-2 forward, rows in the order it recorded.
@@ -137,7 +138,7 @@ def test_denoiser_and_conditioning_equal_sampling(arch, models, arch_conds, th):
     (d_a, d_b), seen = sampled(model, [cond_a, cond_b], x1, s1)
     assert len(seen) == 1
     order = [cond_b, cond_a]  # calc_cond_batch pops its batch last-first
-    batch = th.conditioning_batch(model, order, shape)
+    batch = training_model.conditioning_batch(order, shape)
     fed = {k: v for k, v in seen[0].items() if k != "transformer_options"}
     assert set(batch) == set(fed)
     for key, value in fed.items():
@@ -184,13 +185,14 @@ def test_lora_set_equals_core_lora_loading_and_the_student(arch, models, arch_co
     cond_a, cond_b = arch_conds(arch)
     unload_all()
     load(model)
-    denoise = th.training_denoiser(model)
-    table, _ = th.training_sigmas(model)
-    batch = th.conditioning_batch(model, [cond_a, cond_b], (2, LATENT_CHANNELS[arch]) + LATENT_HW)
+    training_model = th.TrainingModel(model)
+    denoise = training_model.denoiser()
+    table, _ = training_model.sigmas()
+    batch = training_model.conditioning_batch([cond_a, cond_b], (2, LATENT_CHANNELS[arch]) + LATENT_HW)
     sigma = torch.stack([table[len(table) // 4], table[len(table) * 3 // 4]])
     x = latents(arch, 2, 2) * sigma.view(-1, 1, 1, 1)
 
-    names = th.lora_target_names(model)
+    names = training_model.lora_target_names()
     lora = LoraSet(model.model.diffusion_model, names, rank=4, alpha=2.0, seed=1)
     g = torch.Generator().manual_seed(2)
     with torch.no_grad():
@@ -220,14 +222,14 @@ def test_lora_set_equals_core_lora_loading_and_the_student(arch, models, arch_co
         core_model, _ = comfy.sd.load_lora_for_models(model, None, comfy.utils.load_torch_file(str(path)), 1.0, 0.0)
     assert not [m for m in log.messages() if "lora key not loaded" in m]
     assert len(core_model.patches) == len(names)
-    students = [th.student_model(model, str(path), "student.safetensors")]
+    students = [training_model.student(str(path), "student.safetensors")]
     if arch == "sd15":  # the in-memory tensors give the same student
-        students.append(th.student_model(model, tensors, "student.safetensors"))
+        students.append(training_model.student(tensors, "student.safetensors"))
     try:
         for patched in [core_model] + students:
             load(patched)
             with torch.no_grad():
-                got = th.training_denoiser(patched)(x, sigma, batch)
+                got = th.TrainingModel(patched).denoiser()(x, sigma, batch)
             assert rel_err(got, trained) < 1e-5, arch  # W·x + s·up(down(x)) vs (W + s·up@down)·x: rounding only
     finally:
         unload_all()
@@ -253,13 +255,14 @@ def test_checkpointed_blocks_give_the_same_gradients(arch, models, arch_conds, t
     model, _ = models(arch)
     unload_all()
     load(model)
-    denoise = th.training_denoiser(model)
-    table, _ = th.training_sigmas(model)
-    batch = th.conditioning_batch(model, list(arch_conds(arch)), (2, LATENT_CHANNELS[arch]) + LATENT_HW)
+    training_model = th.TrainingModel(model)
+    denoise = training_model.denoiser()
+    table, _ = training_model.sigmas()
+    batch = training_model.conditioning_batch(list(arch_conds(arch)), (2, LATENT_CHANNELS[arch]) + LATENT_HW)
     sigma = torch.stack([table[len(table) // 10], table[len(table) * 7 // 10]])
     x = latents(arch, 2, 4) * sigma.view(-1, 1, 1, 1)
-    lora = LoraSet(model.model.diffusion_model, th.lora_target_names(model), rank=4, alpha=4.0, seed=5)
-    blocks = th.checkpoint_blocks(model)
+    lora = LoraSet(model.model.diffusion_model, training_model.lora_target_names(), rank=4, alpha=4.0, seed=5)
+    blocks = training_model.checkpoint_blocks()
     calls = {}
     try:
         with torch.no_grad():
@@ -301,15 +304,16 @@ def test_model_loaded_in_inference_mode_trains_and_autocast_works(th):
     assert next(model.model.diffusion_model.parameters()).is_inference()
     try:
         with torch.inference_mode(False):
-            denoise = th.training_denoiser(model)
-            batch = th.conditioning_batch(model, conds, (2, 16) + LATENT_HW)
+            training_model = th.TrainingModel(model)
+            denoise = training_model.denoiser()
+            batch = training_model.conditioning_batch(conds, (2, 16) + LATENT_HW)
             assert not any(v.is_inference() for v in batch.values())
             assert not any(p.is_inference() for p in model.model.parameters())
-            table, kind = th.training_sigmas(model)
+            table, kind = training_model.sigmas()
             assert kind == "flow" and not table.is_inference()
             sigma = torch.stack([table[200], table[800]])
             x = latents("sd3", 2, 9)
-            lora = LoraSet(model.model.diffusion_model, th.lora_target_names(model), rank=4, alpha=4.0, seed=3)
+            lora = LoraSet(model.model.diffusion_model, training_model.lora_target_names(), rank=4, alpha=4.0, seed=3)
             with torch.no_grad():
                 for _, branch in lora.items():
                     branch.up.normal_(0.0, 0.5, generator=g)
@@ -342,13 +346,14 @@ def test_denoiser_honours_the_models_patches_and_refuses_unloaded_weights(models
     patched.set_model_attn1_patch(sharpen_queries)
     unload_all()
     load(patched)
-    denoise = th.training_denoiser(patched)
-    table, _ = th.training_sigmas(patched)
+    training_model = th.TrainingModel(patched)
+    denoise = training_model.denoiser()
+    table, _ = training_model.sigmas()
     x, s = latents("sd15", 1, 5), table[500].reshape(1)
     (ref_a, ref_b), _ = sampled(patched, [cond_a, cond_b], x, s)
     seen.clear()
     with torch.no_grad():
-        got = denoise(x.repeat(2, 1, 1, 1), s.repeat(2), th.conditioning_batch(patched, [cond_b, cond_a], (2, 4, 8, 8)))
+        got = denoise(x.repeat(2, 1, 1, 1), s.repeat(2), training_model.conditioning_batch([cond_b, cond_a], (2, 4, 8, 8)))
     assert seen and all(c == [0] for c in seen)
     assert torch.equal(got[0:1], ref_b) and torch.equal(got[1:2], ref_a)
 
@@ -358,55 +363,55 @@ def test_denoiser_honours_the_models_patches_and_refuses_unloaded_weights(models
 
     patched.set_model_unet_function_wrapper(halve)
     with torch.no_grad():
-        halved = denoise(x.repeat(2, 1, 1, 1), s.repeat(2), th.conditioning_batch(patched, [cond_b, cond_a], (2, 4, 8, 8)))
+        halved = denoise(x.repeat(2, 1, 1, 1), s.repeat(2), training_model.conditioning_batch([cond_b, cond_a], (2, 4, 8, 8)))
     assert torch.equal(halved, got * 0.5)
 
     unload_all()
     with pytest.raises(RuntimeError, match="load_models_gpu"):
-        denoise(x, s, th.conditioning_batch(patched, [cond_a], (1, 4, 8, 8)))
+        denoise(x, s, training_model.conditioning_batch([cond_a], (1, 4, 8, 8)))
 
 
 def test_training_sigmas_follow_the_model_sampling(models, th, run_node):
     import comfy.model_sampling
 
     sd15, _ = models("sd15")
-    table, kind = th.training_sigmas(sd15)
+    table, kind = th.TrainingModel(sd15).sigmas()
     assert kind == "vp" and table.dtype == torch.float32 and len(table) == 1000
     assert torch.equal(table, sd15.model.model_sampling.sigmas.float()) and bool((table.diff() > 0).all())
 
     sd3, _ = models("sd3")
-    table, kind = th.training_sigmas(sd3)
+    table, kind = th.TrainingModel(sd3).sigmas()
     assert kind == "flow" and 0 < table[0] < table[-1] <= 1
     (shifted,) = run_node("ModelSamplingSD3", model=sd3, shift=6.0)
     expected = comfy.model_sampling.ModelSamplingDiscreteFlow()
     expected.set_parameters(shift=6.0)
-    assert torch.equal(th.training_sigmas(shifted)[0], expected.sigmas.float())
+    assert torch.equal(th.TrainingModel(shifted).sigmas()[0], expected.sigmas.float())
 
     flux, _ = models("flux")
-    assert th.training_sigmas(flux)[1] == "flow"
+    assert th.TrainingModel(flux).sigmas()[1] == "flow"
 
     (edm,) = run_node("ModelSamplingContinuousEDM", model=sd15, sampling="edm", sigma_max=80.0, sigma_min=0.002)
     with pytest.raises(ValueError, match="ModelSamplingContinuousEDM"):
-        th.training_sigmas(edm)
+        th.TrainingModel(edm).sigmas()
     (vpred,) = run_node("ModelSamplingDiscrete", model=sd15, sampling="v_prediction", zsnr=True)
-    assert th.training_sigmas(vpred)[1] == "vp"
+    assert th.TrainingModel(vpred).sigmas()[1] == "vp"
 
 
 def test_lora_targets_per_architecture(models, th):
     import comfy.lora
 
-    sd15 = th.lora_target_names(models("sd15")[0])
+    sd15 = th.TrainingModel(models("sd15")[0]).lora_target_names()
     for family in ("attn1.to_q", "attn2.to_k", "attn1.to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out",
                    "in_layers.2", "out_layers.3", "emb_layers.1"):
         assert any(n.endswith(family) for n in sd15), family
     assert not any(n.startswith("input_blocks.0.") for n in sd15)  # conv_in stays frozen, as in LCM-LoRA
-    sdxl = th.lora_target_names(models("sdxl")[0])
+    sdxl = th.TrainingModel(models("sdxl")[0]).lora_target_names()
     assert any(n.startswith("middle_block.1.") for n in sdxl) and any(n.endswith(".op") for n in sdxl)
     assert any(n.endswith("skip_connection") for n in sdxl) or not any(
         "skip_connection" in k for k in models("sdxl")[0].model.diffusion_model.state_dict())
-    sd3 = th.lora_target_names(models("sd3")[0])
+    sd3 = th.TrainingModel(models("sd3")[0]).lora_target_names()
     assert {n.split(".", 3)[3] for n in sd3} == {"attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"}
-    flux = th.lora_target_names(models("flux")[0])
+    flux = th.TrainingModel(models("flux")[0]).lora_target_names()
     assert {n.split(".", 2)[2] for n in flux} == {"img_attn.qkv", "img_attn.proj", "img_mlp.0", "img_mlp.2",
                                                   "txt_attn.qkv", "txt_attn.proj", "txt_mlp.0", "txt_mlp.2",
                                                   "linear1", "linear2"}
@@ -421,17 +426,18 @@ def test_conditioning_batch_refuses_what_one_row_cannot_hold(models, arch_conds,
     cond_a, cond_b = arch_conds("sd15")
     shape = (2, 4, 8, 8)
     with pytest.raises(ValueError, match="entries"):
-        th.conditioning_batch(sd15, [cond_a + cond_b], shape)  # ConditioningCombine
+        th.TrainingModel(sd15).conditioning_batch([cond_a + cond_b], shape)  # ConditioningCombine
     with pytest.raises(ValueError, match="area"):
-        th.conditioning_batch(sd15, [[[cond_a[0][0], {"area": (4, 4, 0, 0), "strength": 1.0}]]], shape)
+        th.TrainingModel(sd15).conditioning_batch([[[cond_a[0][0], {"area": (4, 4, 0, 0), "strength": 1.0}]]], shape)
     with pytest.raises(ValueError, match="token lengths"):  # 77 and 462 tokens: more than CONDCrossAttn's 4x
-        th.conditioning_batch(sd15, [cond_a, [[torch.zeros(1, 462, 768), {}]]], shape)
+        th.TrainingModel(sd15).conditioning_batch([cond_a, [[torch.zeros(1, 462, 768), {}]]], shape)
     ctx = torch.zeros(1, 8, 4096)
     with pytest.raises(ValueError, match="token lengths"):  # SD3's context is a CONDRegular: equal shapes only
-        th.conditioning_batch(sd3, [[[ctx, {"pooled_output": torch.zeros(1, 2048)}]],
-                                    [[torch.zeros(1, 16, 4096), {"pooled_output": torch.zeros(1, 2048)}]]], (2, 16, 8, 8))
+        th.TrainingModel(sd3).conditioning_batch([[[ctx, {"pooled_output": torch.zeros(1, 2048)}]],
+                                                  [[torch.zeros(1, 16, 4096), {"pooled_output": torch.zeros(1, 2048)}]]],
+                                                 (2, 16, 8, 8))
     with pytest.raises(ValueError, match="pooled_output"):
-        th.conditioning_batch(sd3, [[[ctx, {}]]], (1, 16, 8, 8))
+        th.TrainingModel(sd3).conditioning_batch([[[ctx, {}]]], (1, 16, 8, 8))
 
 
 def test_encode_prompts_is_clip_text_encode(models, th, run_node):
@@ -447,7 +453,7 @@ def test_latent_preview_images(models, th):
     sd15, _ = models("sd15")
     sd3, _ = models("sd3")
     lat = latents("sd15", 2, 7)
-    images = th.latent_preview_images(sd15, lat)
+    images = th.TrainingModel(sd15).latent_preview_images(lat)
     assert images.shape == (2, 64, 64, 3) and images.dtype == torch.float32
     assert 0.0 <= images.min() and images.max() <= 1.0
     factors = torch.tensor(sd15.model.latent_format.latent_rgb_factors)  # [C, 3]
@@ -456,9 +462,9 @@ def test_latent_preview_images(models, th):
 
     fmt = sd3.model.latent_format
     lat = latents("sd3", 1, 8)
-    images = th.latent_preview_images(sd3, lat, model_space=False)
+    images = th.TrainingModel(sd3).latent_preview_images(lat, model_space=False)
     pixel = ((fmt.process_in(lat)[0, :, 0, 0] @ torch.tensor(fmt.latent_rgb_factors)
               + torch.tensor(fmt.latent_rgb_factors_bias) + 1) / 2).clamp(0, 1)
     assert torch.allclose(images[0, 0, 0], pixel, atol=1e-6)
     with pytest.raises(ValueError, match="16"):
-        th.latent_preview_images(sd3, latents("sd15", 1, 8))
+        th.TrainingModel(sd3).latent_preview_images(latents("sd15", 1, 8))

@@ -226,10 +226,10 @@ def test_each_architecture_trains_and_loads_in_core(arch, comfy_host, run_node, 
 
 def test_adversarial_term_trains_resumes_exactly_and_leaves_no_hooks(comfy_host, run_node, tiny_models, data):
     """adversarial_weight > 0: discriminator heads on the teacher's UNet encoder features (with checkpointing on)."""
-    from fewstep.nodes.train_host import adversarial_features
+    from fewstep.host.training_model import TrainingModel
 
     latents, positive, empty = data
-    modules, channels = adversarial_features(tiny_models.model)
+    modules, channels = TrainingModel(tiny_models.model).adversarial_features()
     dm = tiny_models.model.model.diffusion_model
     assert modules[-1] is dm.middle_block[-1] and channels[-1] == dm.middle_block[-1].out_channels  # one level here
     train(run_node, tiny_models.model, latents, positive, empty, "t_adv_off", steps=4)
@@ -273,9 +273,9 @@ def test_adversarial_term_per_architecture(arch, comfy_host, run_node, arch_mode
             train(run_node, model, latents, cond, uncond, name, steps=1, rank=2, adversarial_weight=0.1)
         assert not lora_file(comfy_host, name).exists()
         return
-    from fewstep.nodes.train_host import adversarial_features
+    from fewstep.host.training_model import TrainingModel
 
-    assert len(adversarial_features(model)[0]) >= 2  # a Downsample per level but the last, and the middle block
+    assert len(TrainingModel(model).adversarial_features()[0]) >= 2  # a Downsample per level but the last, and the middle block
     train(run_node, model, latents, cond, uncond, name, steps=2, rank=2, adversarial_weight=0.1)
     history = state_of(comfy_host, name)[0]["adv.history"]
     assert history.shape == (2, 2) and torch.isfinite(history).all()

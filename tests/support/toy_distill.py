@@ -96,7 +96,7 @@ if __name__ == "__main__":
 
     import torch.distributed as dist
 
-    from fewstep.distill.cli import exit_without_teardown
+    from fewstep.distill.torchrun import exit_without_teardown
 
     torch.set_num_threads(1)
     distributed = "WORLD_SIZE" in os.environ
@@ -110,4 +110,4 @@ if __name__ == "__main__":
     finally:
         if distributed:
             dist.destroy_process_group()
-    exit_without_teardown(0)  # as the CLI's workers do (see distill/cli.py)
+    exit_without_teardown(0)  # as the CLI's workers do (see distill/torchrun.py)

@@ -7,7 +7,8 @@ global batch from the shared seed and takes its slice, gradients are averaged, r
 result equals one process at the same global batch (--batch-size is global and must divide by N).
 
 ComfyUI is found from --comfyui, $COMFYUI_PATH, or the folder two levels up when the pack sits in
-ComfyUI/custom_nodes.
+ComfyUI/custom_nodes. Nothing here imports ComfyUI before `start_host` has put it on sys.path, so `--help` and
+argument errors need no ComfyUI; `distill/__main__.py` only calls `entry_point`.
 """
 import argparse
 import logging
@@ -16,11 +17,13 @@ import pathlib
 import signal
 import sys
 
+from ..distill.torchrun import exit_without_teardown
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
 def parse_args(argv=None):
-    from .engine import CFG_MODES, PRECISIONS
+    from ..distill.engine import CFG_MODES, PRECISIONS
 
     p = argparse.ArgumentParser(prog="python -m fewstep.distill", description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", required=True, help="model checkpoint (.safetensors) with UNet, CLIP and VAE")
@@ -128,16 +131,12 @@ def read_prompts(args, files):
     raise SystemExit("No prompts: give --prompt, --prompts FILE, or a <image>.txt caption beside every image.")
 
 
-def exit_without_teardown(code=0):
-    """Leave a torchrun worker once its process group is destroyed and its files are written.
-
-    torch 2.13's gloo backend leaves a C++ thread that aborts interpreter shutdown now and then ("terminate called
-    without an active exception", after all Python code has run), and torchrun would then report a finished run
-    as failed: flush the output and exit without that teardown."""
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code or 0)
+def entry_point():
+    """`python -m fewstep.distill`: exit with main's code; torchrun workers exit without interpreter teardown."""
+    code = main()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        exit_without_teardown(code)
+    sys.exit(code)
 
 
 def main(argv=None):
@@ -172,9 +171,9 @@ def train(args, output, rank):
     import comfy.sd
     import torch
 
-    from ..nodes import train_host
-    from ..nodes.train_run import TrainingInterrupted, TrainJob, run
-    from .engine import DistillConfig
+    from ..distill.engine import DistillConfig
+    from .training_model import encode_prompts
+    from .training_job import TrainingInterrupted, TrainJob, run
 
     files = list_images(args.images)
     prompts = read_prompts(args, files)
@@ -186,8 +185,8 @@ def train(args, output, rank):
             latents = vae.encode(load_images(files, args.resolution, args.flip))
             if args.flip and len(prompts) > 1:
                 prompts = prompts + prompts
-            positive = train_host.encode_prompts(clip, prompts)
-            negative = train_host.encode_prompts(clip, [""])[0]
+            positive = encode_prompts(clip, prompts)
+            negative = encode_prompts(clip, [""])[0]
     config = DistillConfig(
         phases=args.phases, ddim_timesteps=args.ddim_timesteps, steps=args.steps, batch_size=args.batch_size,
         grad_accumulation=args.grad_accumulation, learning_rate=args.learning_rate, cfg_mode=args.cfg_mode,

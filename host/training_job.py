@@ -14,14 +14,13 @@ from typing import Callable, Optional
 
 import torch
 
-from .. import __version__
 from ..distill.adversarial import AdversarialTerm, HookedFeatures
 from ..distill.engine import DistillConfig, DistillDiverged, Distiller, GradientCheckpointing, LatentData
 from ..distill.io import load_safetensors, save_safetensors_atomic
 from ..distill.lora import LoraSet
 from ..loras import presets
-from . import train_host
-from .lora_host import model_arch
+from ..version import __version__
+from .training_model import TrainingModel
 
 log = logging.getLogger("fewstep")
 
@@ -96,24 +95,23 @@ def run(job: TrainJob) -> TrainResult:
     import comfy.model_management as mm
 
     config = dataclasses.replace(job.config)
-    train_host.training_sigmas(job.model)  # refuses the sampling types the engine cannot train, with the reason
-    model_sampling = job.model.get_model_object("model_sampling")
+    teacher = TrainingModel(job.model)
+    model_sampling = teacher.model_sampling()  # refuses the sampling types the engine cannot train, with the reason
     config.check(len(job.latents))
-    arch = model_arch(job.model)
-    feature_modules, feature_channels = (train_host.adversarial_features(job.model) if config.adversarial_weight > 0
+    arch = teacher.arch
+    feature_modules, feature_channels = (teacher.adversarial_features() if config.adversarial_weight > 0
                                          else (None, None))
     with torch.inference_mode(False):
         mm.load_models_gpu([job.model], force_full_load=True)
         base = job.model.model
         latents = base.process_latent_in(job.latents.detach().clone().float())
-        positive = train_host.conditioning_batch(job.model, job.positive, tuple(latents.shape), "cpu")
-        negative = (train_host.conditioning_batch(job.model, [job.negative], tuple(latents.shape), "cpu")
+        positive = teacher.conditioning_batch(job.positive, tuple(latents.shape), "cpu")
+        negative = (teacher.conditioning_batch([job.negative], tuple(latents.shape), "cpu")
                     if job.negative is not None else None)
         data = LatentData(latents, positive, negative)
-        denoise = train_host.training_denoiser(job.model)  # also frees the weights from inference mode
-        lora = LoraSet(base.diffusion_model, train_host.lora_target_names(job.model), job.rank, job.alpha,
-                       seed=config.seed)
-        checkpointing = GradientCheckpointing(train_host.checkpoint_blocks(job.model), lora=lora) \
+        denoise = teacher.denoiser()  # also frees the weights from inference mode
+        lora = LoraSet(base.diffusion_model, teacher.lora_target_names(), job.rank, job.alpha, seed=config.seed)
+        checkpointing = GradientCheckpointing(teacher.checkpoint_blocks(), lora=lora) \
             if job.gradient_checkpointing else None
         features = HookedFeatures(denoise, feature_modules) if feature_modules else None
         try:
