@@ -47,6 +47,7 @@ if "fewstep" not in sys.modules:  # import the repo root as the package `fewstep
     _module = importlib.util.module_from_spec(_spec)
     sys.modules["fewstep"] = _module
     _spec.loader.exec_module(_module)
+sys.path.insert(0, str(ROOT / "tests"))  # support.model_sampling: the float64 stand-in of ComfyUI's model sampling
 
 from fewstep.distill.engine import DistillConfig, Distiller, LatentData  # noqa: E402
 from fewstep.distill.lora import LoraSet, lora_targets  # noqa: E402
@@ -54,7 +55,7 @@ from fewstep.samplers.common import seeded_noise_sampler  # noqa: E402
 from fewstep.samplers.pcm import sample_pcm  # noqa: E402
 from fewstep.samplers.tcd import sample_tcd  # noqa: E402
 from fewstep.schedulers.lcm import lcm_sigmas  # noqa: E402
-from fewstep.schedulers.noise_schedules import DiscreteVPSampling, initial_noise_scale  # noqa: E402
+from support.model_sampling import DiscreteVPSampling, initial_noise_scale  # noqa: E402
 from fewstep.schedulers.pcm import pcm_sigmas  # noqa: E402
 
 NULL_LABEL = 10  # the unconditional "prompt"

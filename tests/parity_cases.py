@@ -15,7 +15,7 @@ import torch
 import fewstep  # noqa: F401  (registered by tests/conftest.py)
 from fewstep.samplers import sample_ctm_gamma, sample_pcm, sample_tcd
 from fewstep.schedulers import lcm_sigmas, pcm_sigmas
-from fewstep.schedulers.noise_schedules import Denoiser, DiscreteVPSampling, FlowSampling, initial_noise_scale
+from support.model_sampling import Denoiser, DiscreteVPSampling, FlowSampling, initial_noise_scale
 
 SHAPE = (2, 4, 8, 8)
 STEP_COUNTS = (1, 2, 3, 4, 8)

@@ -11,7 +11,7 @@ from torch.utils.checkpoint import CheckpointError
 from fewstep.distill import Distiller, GradientCheckpointing
 from fewstep.distill.adversarial import DiscriminatorHeads, d_hinge_loss
 from fewstep.samplers.forward_process import forward_noise
-from fewstep.schedulers.noise_schedules import FlowSampling
+from support.model_sampling import FlowSampling
 from support.toy_distill import VP, TinyEpsNet, advance, base_state, make_setup, run_steps, toy_adversarial, vp_denoise
 
 WEIGHT = 0.1

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from fewstep.distill import DistillDiverged, Distiller, GradientCheckpointing, LatentData, LoraSet
-from fewstep.schedulers.noise_schedules import FlowSampling
+from support.model_sampling import FlowSampling
 from support.toy_distill import VP, TinyEpsNet, base_state, free_port, make_setup, run_steps, vp_denoise
 
 def test_only_the_lora_trains_and_the_teacher_is_untouched():

@@ -10,7 +10,7 @@ import torch
 
 from fewstep.distill.phased_loss import pcm_loss, pseudo_huber, sample_phased_targets
 from fewstep.samplers.forward_process import ddim_step
-from fewstep.schedulers.noise_schedules import DiscreteVPSampling, FlowSampling
+from support.model_sampling import DiscreteVPSampling, FlowSampling
 from fewstep.schedulers.pcm import ddim_timesteps, pcm_phase_edges
 
 VP, FLOW = DiscreteVPSampling(), FlowSampling(shift=3.0)  # float64: the SD table, SD3's shifted flow table

@@ -7,7 +7,7 @@ import torch
 from fewstep.samplers import sample_ctm_gamma, sample_pcm, sample_tcd
 from fewstep.samplers.forward_process import forward_coefficients, forward_noise
 from fewstep.schedulers import lcm_sigmas, pcm_sigmas
-from fewstep.schedulers.noise_schedules import DiscreteVPSampling, FlowSampling
+from support.model_sampling import DiscreteVPSampling, FlowSampling
 
 SAMPLERS = [sample_pcm, lambda *a, **k: sample_tcd(*a, gamma=0.3, **k), lambda *a, **k: sample_ctm_gamma(*a, gamma=0.6, **k)]
 

@@ -6,7 +6,7 @@ import torch
 
 from fewstep.schedulers import (apply_denoise, hyper_sd_1step_sigmas, hyper_sd_timesteps, lcm_sigmas, lcm_timesteps,
                                 pcm_phase_edges, pcm_sigmas, pcm_timesteps, trailing_timesteps)
-from fewstep.schedulers.noise_schedules import DiscreteVPSampling, FlowSampling, scaled_linear_alphas_cumprod
+from support.model_sampling import DiscreteVPSampling, FlowSampling, scaled_linear_alphas_cumprod
 
 SD = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
 

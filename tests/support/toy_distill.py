@@ -15,7 +15,7 @@ if __name__ == "__main__":  # under torchrun: import the repo as `fewstep` first
     import conftest  # noqa: F401
 
 from fewstep.distill import DistillConfig, Distiller, LatentData, LoraSet, lora_targets  # noqa: E402
-from fewstep.schedulers.noise_schedules import DiscreteVPSampling  # noqa: E402
+from support.model_sampling import DiscreteVPSampling  # noqa: E402
 
 VP = DiscreteVPSampling(dtype=torch.float32)
 
