@@ -13,7 +13,9 @@ As in the reference training scripts (G-U-N/Phased-Consistency-Model, `train_pcm
     G loss = mean relu(1 − D(fake))                              (the reference's G loss is hinged too)
 
 The student's loss gains weight·G (reference 0.1); gradients reach the student through the teacher's features,
-never the teacher's weights. The heads train with their own AdamW (lr 1e-5, betas (0, 0.999)) on detached
+never the teacher's weights. Every step updates both the student and the heads from the same forwards; the
+reference alternates (even steps D only, odd steps the student only): why not here, in docs/algorithms.md,
+"PCM: adversarial term". The heads train with their own AdamW (lr 1e-5, betas (0, 0.999)) on detached
 samples. A head is conv3×3–GroupNorm–LeakyReLU, the same again plus a residual, then a 1×1 conv to one logit map.
 
 `features(x, σ[B], cond) -> list of [B, C, H, W]` is the caller's: `HookedFeatures` captures block outputs of the
