@@ -13,11 +13,11 @@ import folder_paths
 import latent_preview
 from comfy_api.latest import io
 
+from ..host.lora_patches import apply_lora, model_arch
 from ..loras import presets as preset_table
 from ..loras.formats import LoraFileError, arch_label, check_lora_path, parse_lora, read_lora_file, read_safetensors_header
 from ..samplers import sample_ctm_gamma, sample_pcm, sample_tcd
 from ..schedulers import apply_denoise, hyper_sd_1step_sigmas, lcm_sigmas, pcm_sigmas
-from ..host.lora_patches import apply_lora, model_arch
 
 log = logging.getLogger("fewstep")
 
