@@ -69,17 +69,17 @@ def test_outputs_files_and_metadata(comfy_host, run_node, tiny_models, data):
 
 
 def test_loss_falls_over_a_short_run(comfy_host, run_node, tiny_models, data):
-    """The trained LoRA's losses against an untrained run's on the same draws (same seed; learning rate 1e-8 moves
-    no weight measurably): the draws (timestep, noise) make single losses vary 2x, so a run compared with its
-    own first steps has no margin (0.34-0.83 over seeds 0-3); paired, the draws cancel."""
+    """The trained LoRA's losses against an untrained run's on the same draws: same seed, and a learning rate of
+    1e-8 moves no weight measurably. The draws (timestep, noise) make single losses vary 2x, so a run compared
+    with its own first steps had no margin (last/first 10 steps: 0.34-0.83 over seeds 0-3); paired, the draws
+    cancel. Measured (last 10 steps, trained/untrained, 1 thread): 0.57, 0.58, 0.57, 0.60, 0.59 for seeds 0-4;
+    seed 0 with 2 threads: 0.57 too. (lr 3e-3: 0.67-0.80, it overshoots first.) A run that does not train
+    gives exactly 1."""
     latents, positive, empty = data
-    seed = int(__import__("os").environ.get("FS_SEED", 0))
-    for name, lr in (("t_falls", 3e-3), ("t_still", 1e-8)):
-        train(run_node, tiny_models.model, latents, positive, empty, name, steps=40, learning_rate=lr, batch_size=3, seed=seed)
+    for name, lr in (("t_falls", 1e-3), ("t_still", 1e-8)):
+        train(run_node, tiny_models.model, latents, positive, empty, name, steps=40, learning_rate=lr, batch_size=3)
     trained, still = state_of(comfy_host, "t_falls")[0]["losses"], state_of(comfy_host, "t_still")[0]["losses"]
-    ratio = (trained[-10:].sum() / still[-10:].sum()).item()
-    print("FALLS", ratio, trained[:10].mean().item(), still[:10].mean().item())
-    assert ratio < 0.8, (trained, still)
+    assert trained[-10:].sum() < 0.8 * still[-10:].sum(), (trained, still)
 
 
 def test_core_lora_loader_reproduces_the_student(comfy_host, run_node, tiny_models, data, conds):
