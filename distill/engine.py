@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 from ..samplers.forward_process import forward_noise
+from ..schedulers.pcm import check_phases
 from .lora import LoraSet
 from .phased_loss import pcm_samples, phased_distance, sample_phased_targets
 
@@ -66,9 +67,7 @@ class DistillConfig:
         """Raise a ValueError naming the bad setting and the fix; `adversarial`: whether a term was given."""
         if self.ddim_timesteps < 1 or self.ddim_timesteps > 1000:
             raise ValueError(f"ddim_timesteps (K) must be in 1..1000, got {self.ddim_timesteps}.")
-        if not 1 <= self.phases <= self.ddim_timesteps:
-            raise ValueError(f"phases ({self.phases}) must be between 1 and ddim_timesteps K ({self.ddim_timesteps}):"
-                             " each phase needs at least one DDIM step. Lower phases or raise K.")
+        check_phases(self.phases, self.ddim_timesteps)
         for name in ("steps", "batch_size", "grad_accumulation"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}.")

@@ -11,6 +11,8 @@ import re
 from dataclasses import dataclass, replace
 from pathlib import Path, PureWindowsPath
 
+from ..schedulers.pcm import phases_problem
+
 TABLE_PATH = Path(__file__).with_name("presets.json")
 
 # Metadata keys of files written by this pack's trainer (safetensors metadata values are strings).
@@ -185,8 +187,8 @@ def _check_numbers(pid, entry):
     for key in ("phases", "ddim_timesteps"):
         if entry[key] is not None and not (_is_int(entry[key]) and entry[key] >= 1):
             _fail(pid, f"{key} must be null or a positive integer, got {entry[key]!r}.")
-    if entry["phases"] and entry["ddim_timesteps"] and entry["phases"] > entry["ddim_timesteps"]:
-        _fail(pid, "phases cannot exceed ddim_timesteps (a phase needs a DDIM timestep).")
+    if entry["phases"] and entry["ddim_timesteps"] and phases_problem(entry["phases"], entry["ddim_timesteps"]):
+        _fail(pid, phases_problem(entry["phases"], entry["ddim_timesteps"]))
 
 
 def _check_label(pid, label):
@@ -301,8 +303,8 @@ def _meta_phases(metadata, method):
     # The one-phase baseline has M = 1 whatever the file says; PCM needs its M (and K when known).
     phases = 1 if method == "lcm" else _meta_int(metadata, META_PHASES, required=True)
     ddim = _meta_int(metadata, META_DDIM_TIMESTEPS, required=False)
-    if ddim is not None and phases > ddim:
-        raise ValueError(f"{META_PHASES} ({phases}) cannot exceed {META_DDIM_TIMESTEPS} ({ddim}).")
+    if ddim is not None and phases_problem(phases, ddim):
+        raise ValueError(f"{META_PHASES}, {META_DDIM_TIMESTEPS}: {phases_problem(phases, ddim)}")
     return phases, ddim
 
 

@@ -16,7 +16,7 @@ from comfy_api.latest import io
 from ..loras import presets as preset_table
 from ..loras.formats import LoraFileError, arch_label, check_lora_path, parse_lora, read_lora_file, read_safetensors_header
 from ..samplers import sample_ctm_gamma, sample_pcm, sample_tcd
-from ..schedulers import apply_denoise, hyper_sd_1step_sigmas, lcm_sigmas, pcm_sigmas
+from ..schedulers import apply_denoise, hyper_sd_1step_sigmas, lcm_sigmas, pcm_sigmas, phases_problem
 from ..host.lora_patches import apply_lora, model_arch
 
 log = logging.getLogger("fewstep")
@@ -201,8 +201,14 @@ def _preset_sigmas(model, preset, steps, denoise):
     ms = model.get_model_object("model_sampling")
     if preset.scheduler == "pcm":
         phases, k = getattr(preset, "phases", None), getattr(preset, "ddim_timesteps", None)
-        if phases and k and phases <= k:
-            return apply_denoise(lambda n: pcm_sigmas(ms, n, phases, k), steps, denoise)
+        if phases and k:
+            problem = phases_problem(phases, k)
+            if problem is None:
+                return apply_denoise(lambda n: pcm_sigmas(ms, n, phases, k), steps, denoise)
+            # e.g. a PCM SDXL file named "…_48step": 48 phases on SDXL's K = 40 grid. Not refused (the file may be
+            # fine, its name is what says 48), but said: it samples on the `pcm` dropdown's trailing schedule.
+            log.warning("fewstep: preset %s: %s Sampling with the pcm dropdown's schedule (M = steps phases, "
+                        "trailing) instead of the preset's phase edges.", preset.preset_id, problem)
         return apply_denoise(lambda n: pcm_sigmas(ms, n), steps, denoise)
     if preset.scheduler == "lcm":
         return apply_denoise(lambda n: lcm_sigmas(ms, n), steps, denoise)

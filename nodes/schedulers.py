@@ -1,7 +1,8 @@
 """SIGMAS nodes: PCM phased schedule, LCM/TCD 50-point grid, Hyper-SD one-step."""
 from comfy_api.latest import io
 
-from ..schedulers import END_CONVENTIONS, apply_denoise, hyper_sd_1step_sigmas, lcm_sigmas, lcm_timesteps, pcm_sigmas
+from ..schedulers import (END_CONVENTIONS, apply_denoise, hyper_sd_1step_sigmas, lcm_sigmas, lcm_timesteps, pcm_sigmas,
+                          phases_problem)
 
 CATEGORY = "sampling/custom_sampling/schedulers"
 
@@ -57,9 +58,8 @@ class FewStepPCMScheduler(io.ComfyNode):
     @classmethod
     def validate_inputs(cls, phases=None, ddim_timesteps=None):
         problems = [_out_of_range("phases", phases, 1, 50), _out_of_range("ddim_timesteps", ddim_timesteps, 1, 1000)]
-        if isinstance(phases, int) and isinstance(ddim_timesteps, int) and phases > ddim_timesteps:
-            problems.append(f"phases ({phases}) cannot exceed ddim_timesteps ({ddim_timesteps}): every phase needs at least "
-                            f"one DDIM timestep. Lower phases or raise ddim_timesteps.")
+        if not any(problems) and isinstance(phases, int) and isinstance(ddim_timesteps, int):
+            problems.append(phases_problem(phases, ddim_timesteps))
         return _verdict(problems)
 
     @classmethod

@@ -19,7 +19,7 @@ from ..distill.engine import CFG_MODES, PRECISIONS, DistillConfig, DistillDiverg
 from ..host.training_model import TrainingModel, encode_prompts
 from ..host.training_job import TrainingInterrupted, TrainJob, run
 from ..samplers import sample_pcm
-from ..schedulers import pcm_sigmas
+from ..schedulers import pcm_sigmas, phases_problem
 from .preview import _draw_loss_curve
 
 log = logging.getLogger("fewstep")
@@ -172,9 +172,8 @@ class FewStepPCMDistill(io.ComfyNode):
                 _lora_output_path(output_name)
             except ValueError as error:
                 return str(error)
-        if phases is not None and ddim_timesteps is not None and phases > ddim_timesteps:
-            return (f"phases ({phases}) cannot exceed ddim_timesteps ({ddim_timesteps}): each phase needs at least "
-                    "one DDIM step. Lower phases or raise ddim_timesteps.")
+        if isinstance(phases, int) and isinstance(ddim_timesteps, int) and phases_problem(phases, ddim_timesteps):
+            return phases_problem(phases, ddim_timesteps)
         if w_min is not None and w_max is not None and w_min > w_max:
             return f"w_min ({w_min}) is larger than w_max ({w_max})."
         return True
