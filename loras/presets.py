@@ -1,9 +1,10 @@
 """Recommended sampling settings for fast LoRAs: the table in presets.json and its lookups.
 
-Pure Python (no ComfyUI, no torch). `preset_for` weighs the evidence in this order: metadata written
-by this pack's trainer, then the file name, then the key structure (which only tells the base
-architecture), then nothing at all. Without a family it falls back to conservative settings and
-says so. The table is read and checked once, on first use.
+No ComfyUI import; torch comes in only with the pack's vocabularies read here (the dropdown names of
+samplers/registry.py and schedulers/registry.py, the phases ≤ K rule of schedulers/pcm.py). `preset_for`
+weighs the evidence in this order: metadata written by this pack's trainer, then the file name, then the key
+structure (which only tells the base architecture), then nothing at all. Without a family it falls back to
+conservative settings and says so. The table is read and checked once, on first use.
 """
 import functools
 import json
@@ -11,7 +12,9 @@ import re
 from dataclasses import dataclass, replace
 from pathlib import Path, PureWindowsPath
 
+from ..samplers.registry import SAMPLERS
 from ..schedulers.pcm import phases_problem
+from ..schedulers.registry import SCHEDULERS
 
 TABLE_PATH = Path(__file__).with_name("presets.json")
 
@@ -35,9 +38,10 @@ ARCHES = ("sd15", "sdxl", "ssd1b", "sd3", "flux")
 ARCH_NAMES = {"sd15": "SD1.5", "sdxl": "SDXL", "ssd1b": "SSD-1B", "sd3": "SD3", "flux": "FLUX"}
 FAMILIES = ("pcm", "hyper_sd", "tcd", "lcm", "fewstep", "unknown")
 
-# Names the table may use: the pack's own (host/registration.py) and ComfyUI core ones.
-PACK_SAMPLERS = ("pcm", "tcd", "ctm_gamma")
-PACK_SCHEDULERS = ("pcm", "lcm", "hyper_sd_1step")
+# Names the table may use: the pack's own dropdown entries (the registries host/registration.py registers) and
+# ComfyUI core ones.
+PACK_SAMPLERS = tuple(SAMPLERS)
+PACK_SCHEDULERS = tuple(SCHEDULERS)
 CORE_SAMPLERS = ("euler", "lcm", "ddim")
 CORE_SCHEDULERS = ("simple", "sgm_uniform", "normal", "ddim_uniform")
 SAMPLER_NAMES = frozenset(PACK_SAMPLERS + CORE_SAMPLERS)

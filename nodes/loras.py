@@ -15,7 +15,7 @@ from comfy_api.latest import io
 
 from ..loras import presets as preset_table
 from ..loras.formats import LoraFileError, arch_label, check_lora_path, parse_lora, read_lora_file, read_safetensors_header
-from ..samplers import sample_ctm_gamma, sample_pcm, sample_tcd
+from ..samplers.registry import SAMPLERS
 from ..schedulers import apply_denoise, hyper_sd_1step_sigmas, lcm_sigmas, pcm_sigmas, phases_problem
 from ..host.lora_patches import apply_lora, model_arch
 
@@ -185,13 +185,11 @@ def _one_step_unet_preset():
 
 
 def _preset_sampler(preset, gamma):
-    """The KSAMPLER a preset asks for; γ only matters to the stochastic samplers."""
-    if preset.sampler == "pcm":
-        return comfy.samplers.KSAMPLER(sample_pcm)
-    if preset.sampler == "tcd":
-        return comfy.samplers.KSAMPLER(sample_tcd, extra_options={"gamma": float(gamma)})
-    if preset.sampler == "ctm_gamma":
-        return comfy.samplers.KSAMPLER(sample_ctm_gamma, extra_options={"gamma": float(gamma)})
+    """The KSAMPLER a preset asks for; γ only matters to the stochastic samplers (those with a γ option)."""
+    pack = SAMPLERS.get(preset.sampler)
+    if pack is not None:
+        options = {"gamma": float(gamma)} if "gamma" in pack.options else {}
+        return comfy.samplers.KSAMPLER(pack.function, extra_options=options)
     if preset.sampler not in comfy.samplers.KSampler.SAMPLERS:
         raise ValueError(f"preset {preset.preset_id} names an unknown sampler {preset.sampler!r}.")
     return comfy.samplers.sampler_object(preset.sampler)
@@ -285,7 +283,8 @@ class FewStepPresetToKSampler(io.ComfyNode):
             display_name="Preset to KSampler Settings",
             category="sampling/fewstep",
             description="Turns a preset into sampler_name / scheduler / steps / cfg for core KSampler (convert those "
-                        "widgets to inputs and wire them). The note says what KSampler cannot express (e.g. γ ≠ 0.3).",
+                        "widgets to inputs and wire them). The note says what KSampler cannot express (e.g. "
+                        f"γ ≠ {SAMPLERS['tcd'].options['gamma']:g}).",
             inputs=[Preset.Input("preset", tooltip="From Fast LoRA Loader or Hyper-SDXL 1-Step UNet Loader.")],
             outputs=[
                 io.Combo.Output(display_name="sampler_name", options=comfy.samplers.KSampler.SAMPLERS),
@@ -300,9 +299,10 @@ class FewStepPresetToKSampler(io.ComfyNode):
     @classmethod
     def execute(cls, preset) -> io.NodeOutput:
         notes = [preset.message]
-        if preset.sampler == "tcd" and preset.gamma is not None and abs(preset.gamma - 0.3) > 1e-9:
-            notes.append(f"KSampler's tcd uses γ 0.3; this preset wants γ {preset.gamma:g}: use Fast Sampler or the "
-                         "TCD Sampler node for an exact match.")
+        dropdown_gamma = SAMPLERS["tcd"].options["gamma"]
+        if preset.sampler == "tcd" and preset.gamma is not None and abs(preset.gamma - dropdown_gamma) > 1e-9:
+            notes.append(f"KSampler's tcd uses γ {dropdown_gamma:g}; this preset wants γ {preset.gamma:g}: use Fast "
+                         "Sampler or the TCD Sampler node for an exact match.")
         phases = getattr(preset, "phases", None)
         if preset.scheduler == "pcm" and phases and phases != preset.steps:
             notes.append(f"KSampler's pcm scheduler puts phases = steps; this preset has {phases} phases.")

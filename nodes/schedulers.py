@@ -3,6 +3,7 @@ from comfy_api.latest import io
 
 from ..schedulers import (END_CONVENTIONS, apply_denoise, hyper_sd_1step_sigmas, lcm_sigmas, lcm_timesteps, pcm_sigmas,
                           phases_problem)
+from ..schedulers.registry import SCHEDULERS
 
 CATEGORY = "sampling/custom_sampling/schedulers"
 
@@ -48,7 +49,8 @@ class FewStepPCMScheduler(io.ComfyNode):
                              tooltip="Sampling steps N. N = phases walks the edges; N > phases adds sub-steps inside phases; "
                                      "N < phases skips edges (the LoRA was not trained for that)."),
                 io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01, tooltip=DENOISE_TOOLTIP),
-                io.Combo.Input("end", options=list(END_CONVENTIONS), default="zero", tooltip=END_TOOLTIP),
+                io.Combo.Input("end", options=list(END_CONVENTIONS), default=SCHEDULERS["pcm"].defaults["end"],
+                               tooltip=END_TOOLTIP),
             ],
             outputs=[io.Sigmas.Output()],
         )
@@ -83,9 +85,10 @@ class FewStepLCMScheduler(io.ComfyNode):
                 io.Int.Input("steps", default=4, min=1, max=50, tooltip="Sampling steps, at most the grid size (50 × denoise)."),
                 io.Float.Input("denoise", default=1.0, min=0.01, max=1.0, step=0.01,
                                tooltip="diffusers' `strength`: below 1 the grid shrinks to its lower part (img2img)."),
-                io.Int.Input("original_steps", default=50, min=1, max=1000,
+                io.Int.Input("original_steps", default=SCHEDULERS["lcm"].defaults["original_steps"], min=1, max=1000,
                              tooltip="Size of the distillation grid (diffusers' original_inference_steps); 50 for every released LCM/TCD LoRA."),
-                io.Combo.Input("end", options=list(END_CONVENTIONS), default="zero", tooltip=END_TOOLTIP),
+                io.Combo.Input("end", options=list(END_CONVENTIONS), default=SCHEDULERS["lcm"].defaults["end"],
+                               tooltip=END_TOOLTIP),
             ],
             outputs=[io.Sigmas.Output()],
         )

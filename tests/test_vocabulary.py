@@ -3,14 +3,19 @@
 The node-side halves (widget defaults, validate_inputs) are in tests/host/test_vocabulary_host.py.
 """
 import copy
+import inspect
 import json
+import pathlib
 
 import pytest
 
+from fewstep import samplers
 from fewstep.distill.engine import DistillConfig
 from fewstep.loras import presets
+from fewstep.samplers.registry import SAMPLERS
 from fewstep.schedulers import check_phases, pcm_phase_edges, pcm_sigmas, phases_problem
 from fewstep.schedulers.noise_schedules import DiscreteVPSampling
+from fewstep.schedulers.registry import SCHEDULERS
 
 # ---------------------------------------------------------------- the phases ≤ K rule
 
@@ -51,3 +56,58 @@ def test_phases_beyond_k_in_the_preset_table_and_trainer_metadata_give_the_messa
     assert str(error.value).endswith(phases_problem(12, 10))
     found = presets.preset_for("mine.safetensors", metadata, "sd15")
     assert found.source == "structure" and phases_problem(12, 10) in found.message
+
+
+# ---------------------------------------------------------------- dropdown samplers and schedulers
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def keyword_defaults(function):
+    return {name: p.default for name, p in inspect.signature(function).parameters.items()
+            if p.default is not inspect.Parameter.empty}
+
+
+@pytest.mark.parametrize("name", list(SAMPLERS))
+def test_dropdown_sampler_options_are_its_functions_defaults(name):
+    entry = SAMPLERS[name]
+    defaults = keyword_defaults(entry.function)
+    assert {k: defaults[k] for k in entry.options} == dict(entry.options)
+    assert entry.function is getattr(samplers, entry.function.__name__)
+
+
+def test_dropdown_sampler_defaults_are_tcd_03_and_ctm_05():
+    assert dict(SAMPLERS["tcd"].options) == {"gamma": 0.3} and dict(SAMPLERS["ctm_gamma"].options) == {"gamma": 0.5}
+    assert dict(SAMPLERS["pcm"].options) == {}
+
+
+@pytest.mark.parametrize("name", list(SCHEDULERS))
+def test_dropdown_scheduler_defaults_are_its_functions_defaults(name):
+    entry = SCHEDULERS[name]
+    defaults = keyword_defaults(entry.function)
+    assert {k: defaults[k] for k in entry.defaults} == dict(entry.defaults)
+    assert list(inspect.signature(entry.function).parameters)[:2] == ["model_sampling", "steps"]
+
+
+def test_presets_and_registration_read_the_registries():
+    assert presets.PACK_SAMPLERS == tuple(SAMPLERS) and presets.PACK_SCHEDULERS == tuple(SCHEDULERS)
+    source = (ROOT / "host" / "registration.py").read_text(encoding="utf-8")
+    assert "from ..samplers.registry import SAMPLERS" in source
+    assert "from ..schedulers.registry import SCHEDULERS" in source
+    for name in set(SAMPLERS) | set(SCHEDULERS):
+        assert f'"{name}"' not in source, f"host/registration.py names {name!r} itself"
+
+
+def _flat(path):
+    return " ".join((ROOT / path).read_text(encoding="utf-8").split())
+
+
+def test_readme_and_help_pages_state_the_registry_defaults():
+    samplers_text = ", ".join(f"`{n}`" + (f" ({e.describe()})" if e.options else "") for n, e in SAMPLERS.items())
+    schedulers_text = ", ".join(f"`{n}` ({e.summary})" for n, e in SCHEDULERS.items())
+    assert f"Dropdown entries added: samplers {samplers_text}; schedulers {schedulers_text}." in _flat("README.md")
+    tcd, ctm = SAMPLERS["tcd"].options["gamma"], SAMPLERS["ctm_gamma"].options["gamma"]
+    assert f"γ = {tcd:g}: diffusers' default" in _flat("web/docs/FewStepTCDSampler.md")
+    assert f"the `tcd` dropdown entry uses γ = {tcd:g}" in _flat("web/docs/FewStepPresetToKSampler.md")
+    ctm_page = _flat("web/docs/FewStepCTMGammaSampler.md")
+    assert f"default {ctm:g}." in ctm_page and f"same sampler with γ = {ctm:g}." in ctm_page

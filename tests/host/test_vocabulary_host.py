@@ -6,11 +6,55 @@ from dataclasses import replace
 
 import pytest
 
+from fewstep.samplers.registry import SAMPLERS
 from fewstep.schedulers import phases_problem
+from fewstep.schedulers.registry import SCHEDULERS
 
 
 def node_class(comfy_host, node_id):
     return comfy_host.nodes.NODE_CLASS_MAPPINGS[node_id]
+
+
+def widget_default(comfy_host, node_id, name):
+    return next(i for i in node_class(comfy_host, node_id).define_schema().inputs if i.id == name).default
+
+
+# ---------------------------------------------------------------- dropdown samplers and schedulers
+
+def test_registered_dropdown_entries_are_the_registries(comfy_host):
+    import comfy.k_diffusion.sampling as k_sampling
+    import comfy.samplers
+
+    def same_function(registered, ours):  # the host imported the pack under its own package name
+        return (registered.__qualname__, registered.__module__.split(".")[-2:]) == \
+            (ours.__qualname__, ours.__module__.split(".")[-2:])
+
+    for name, entry in SAMPLERS.items():
+        assert same_function(getattr(k_sampling, "sample_" + name), entry.function), name
+        assert name in comfy.samplers.KSampler.SAMPLERS and name in comfy.samplers.SAMPLER_NAMES
+    for name, entry in SCHEDULERS.items():
+        assert same_function(comfy.samplers.SCHEDULER_HANDLERS[name].handler, entry.function), name
+        assert name in comfy.samplers.KSampler.SCHEDULERS
+
+
+def test_sampler_and_scheduler_widgets_default_to_the_dropdowns_options(comfy_host):
+    assert widget_default(comfy_host, "FewStepTCDSampler", "gamma") == SAMPLERS["tcd"].options["gamma"]
+    assert widget_default(comfy_host, "FewStepCTMGammaSampler", "gamma") == SAMPLERS["ctm_gamma"].options["gamma"]
+    lcm = SCHEDULERS["lcm"].defaults
+    assert widget_default(comfy_host, "FewStepLCMScheduler", "original_steps") == lcm["original_steps"]
+    assert widget_default(comfy_host, "FewStepLCMScheduler", "end") == lcm["end"]
+    assert widget_default(comfy_host, "FewStepPCMScheduler", "end") == SCHEDULERS["pcm"].defaults["end"]
+
+
+def test_preset_to_ksampler_notes_gamma_against_the_dropdowns(run_node):
+    from fewstep.loras import presets
+
+    tcd = next(p for p in presets.all_presets().values() if p.sampler == "tcd")
+    dropdown = SAMPLERS["tcd"].options["gamma"]
+    *_, same = run_node("FewStepPresetToKSampler", preset=replace(tcd, gamma=dropdown))
+    *_, other = run_node("FewStepPresetToKSampler", preset=replace(tcd, gamma=1.0))
+    assert "γ" not in same.replace(tcd.message, "")
+    assert f"KSampler's tcd uses γ {dropdown:g}; this preset wants γ 1" in other
 
 
 # ---------------------------------------------------------------- the phases ≤ K rule
