@@ -3,6 +3,7 @@
 The node-side halves (widget defaults, validate_inputs) are in tests/host/test_vocabulary_host.py.
 """
 import copy
+import dataclasses
 import inspect
 import json
 import pathlib
@@ -111,3 +112,43 @@ def test_readme_and_help_pages_state_the_registry_defaults():
     assert f"the `tcd` dropdown entry uses γ = {tcd:g}" in _flat("web/docs/FewStepPresetToKSampler.md")
     ctm_page = _flat("web/docs/FewStepCTMGammaSampler.md")
     assert f"default {ctm:g}." in ctm_page and f"same sampler with γ = {ctm:g}." in ctm_page
+
+
+# ---------------------------------------------------------------- training defaults
+
+CLI_ONLY = {"checkpoint", "images", "prompts", "prompt", "output", "resolution", "flip", "comfyui", "cpu",
+            "no_gradient_checkpointing", "save_every", "resume", "virtual_ranks"}
+
+
+def test_cli_defaults_are_distill_configs():
+    from fewstep.distill.lora import DEFAULT_ALPHA, DEFAULT_RANK
+    from fewstep.host.distill_cli import parse_args  # imports no ComfyUI before start_host
+
+    args = vars(parse_args(["--checkpoint", "m.safetensors", "--images", "in", "--output", "out.safetensors"]))
+    config = dataclasses.asdict(DistillConfig())
+    shared = {k: v for k, v in args.items() if k not in CLI_ONLY | {"rank", "alpha"}}
+    assert shared == {k: config[k] for k in shared}
+    # not settable there: the node and the CLI always train deterministically, with the engine's fixed optimiser
+    # settings and dropout share
+    assert set(config) - set(shared) == {"deterministic", "weight_decay", "grad_clip", "empty_prompt_prob"}
+    assert (args["rank"], args["alpha"]) == (DEFAULT_RANK, DEFAULT_ALPHA)
+
+
+def test_training_defaults_are_the_nodes_values():
+    """The values the PCM Distillation node showed before the defaults had one source."""
+    config = DistillConfig()
+    assert (config.steps, config.phases, config.ddim_timesteps, config.batch_size, config.grad_accumulation,
+            config.learning_rate, config.cfg_mode, config.w_min, config.w_max, config.huber_c, config.precision,
+            config.seed, config.warmup_steps, config.ema_decay, config.adversarial_weight) == \
+        (500, 4, 50, 2, 1, 1e-4, "small", 4.0, 5.0, 0.001, "bf16", 0, 0, 0.0, 0.0)
+    config.check()
+
+
+def test_readme_states_the_training_defaults():
+    from fewstep.distill.lora import DEFAULT_ALPHA, DEFAULT_RANK
+
+    c = DistillConfig()
+    stated = (f"{c.steps} steps, {c.phases} phases, K {c.ddim_timesteps}, batch {c.batch_size}, lr {c.learning_rate:g}, "
+              f"rank {DEFAULT_RANK}, alpha {DEFAULT_ALPHA:g}, {c.cfg_mode} CFG with w ∈ [{c.w_min:g}, {c.w_max:g}], "
+              f"{c.precision}.")
+    assert stated in _flat("README.md")

@@ -1,6 +1,7 @@
 """The nodes read the pack's vocabularies (the node-side half of tests/test_vocabulary.py)."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import replace
 
@@ -92,3 +93,17 @@ def test_fast_sampler_says_when_a_presets_phases_exceed_its_k(run_node, tiny_mod
         expected = fast(trailing)
     assert caplog.text == ""
     assert (got == expected).all()
+
+
+# ---------------------------------------------------------------- training defaults
+
+def test_training_node_widgets_default_to_distill_config(comfy_host):
+    from fewstep.distill.engine import DistillConfig
+    from fewstep.distill.lora import DEFAULT_ALPHA, DEFAULT_RANK
+
+    config = dataclasses.asdict(DistillConfig())
+    inputs = {i.id: i for i in node_class(comfy_host, "FewStepPCMDistill").define_schema().inputs}
+    shared = sorted(set(inputs) & set(config))
+    assert len(shared) == 15, shared
+    assert {k: inputs[k].default for k in shared} == {k: config[k] for k in shared}
+    assert (inputs["rank"].default, inputs["alpha"].default) == (DEFAULT_RANK, DEFAULT_ALPHA)
