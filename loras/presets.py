@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path, PureWindowsPath
 
 from ..samplers.registry import SAMPLERS
+from .architectures import PRESET_ARCHS, arch_label, same_family
 from ..schedulers.pcm import phases_problem
 from ..schedulers.registry import SCHEDULERS
 
@@ -34,8 +35,7 @@ TRAINER_METADATA_KEYS = (
     META_BASE_ARCH, META_STEPS_TRAINED, META_VERSION,
 )
 
-ARCHES = ("sd15", "sdxl", "ssd1b", "sd3", "flux")
-ARCH_NAMES = {"sd15": "SD1.5", "sdxl": "SDXL", "ssd1b": "SSD-1B", "sd3": "SD3", "flux": "FLUX"}
+ARCHES = PRESET_ARCHS  # the architectures the table covers, of loras/architectures.py's vocabulary
 FAMILIES = ("pcm", "hyper_sd", "tcd", "lcm", "fewstep", "unknown")
 
 # Names the table may use: the pack's own dropdown entries (the registries host/registration.py registers) and
@@ -293,7 +293,7 @@ def preset_from_metadata(metadata):
     cfg = cfg_spec["cfg"]
     preset = Preset(
         preset_id=f"fewstep_{method}_{mode}cfg", family="fewstep", variant=f"{method}_{mode}cfg", base_arch=arch,
-        label=f"fewstep-trained {spec['label']} {ARCH_NAMES[arch]} LoRA "
+        label=f"fewstep-trained {spec['label']} {arch_label(arch)} LoRA "
               f"({phases} phase{'s' * (phases != 1)}, {cfg_spec['label']})",
         sampler=spec["sampler"], scheduler=spec["scheduler"], steps=spec["steps"] or phases,
         cfg=float(cfg["default"]), cfg_min=float(cfg["min"]), cfg_max=float(cfg["max"]), gamma=None,
@@ -404,32 +404,21 @@ def preset_for(filename, metadata=None, base_arch=None, rank=None):
     if found is not None:
         return found
     named = preset_from_filename(filename or "", base_arch)
-    if named is not None and _arch_agrees(named.base_arch, base_arch):
+    if named is not None and same_family(named.base_arch, base_arch):
         return replace(named, message="; ".join(reasons + [named.message]))
     if named is not None:
-        reasons.append(f"the file name says {named.label} but the keys are {_arch_text(base_arch)}, "
+        reasons.append(f"the file name says {named.label} but the keys are {arch_label(base_arch)}, "
                        "so the name is not trusted")
     return conservative_preset(base_arch, _unknown_text(base_arch, rank, reasons))
-
-
-def _arch_agrees(named_arch, structural_arch):
-    # SSD-1B is a pruned SDXL: a key-structure check may report either for the same file.
-    if structural_arch is None or named_arch == structural_arch:
-        return True
-    return {named_arch, structural_arch} == {"sdxl", "ssd1b"}
 
 
 def _unknown_text(base_arch, rank, reasons):
     rank_text = f" of rank {rank}" if rank else ""
     prefix = "; ".join(reasons) + "; " if reasons else ""
     if base_arch in ARCHES:
-        return f"{prefix}unknown family ({ARCH_NAMES[base_arch]} LoRA{rank_text}, by key structure): "
+        return f"{prefix}unknown family ({arch_label(base_arch)} LoRA{rank_text}, by key structure): "
     arch_text = f", architecture {base_arch!r} not covered" if base_arch else ""
     return f"{prefix}unknown LoRA{rank_text} (no trainer metadata, no known file name{arch_text}): "
-
-
-def _arch_text(base_arch):
-    return ARCH_NAMES.get(base_arch, str(base_arch))
 
 
 def _describe(preset, origin):

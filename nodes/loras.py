@@ -14,7 +14,8 @@ import latent_preview
 from comfy_api.latest import io
 
 from ..loras import presets as preset_table
-from ..loras.formats import LoraFileError, arch_label, check_lora_path, parse_lora, read_lora_file, read_safetensors_header
+from ..loras.architectures import SD3, SD15, SDXL, arch_label
+from ..loras.formats import LoraFileError, check_lora_path, parse_lora, read_lora_file, read_safetensors_header
 from ..samplers.registry import SAMPLERS
 from ..schedulers import apply_denoise, hyper_sd_1step_sigmas, lcm_sigmas, pcm_sigmas, phases_problem
 from ..host.lora_patches import apply_lora, model_arch
@@ -171,7 +172,7 @@ class FewStepHyperSD1StepUNetLoader(io.ComfyNode):
         if model is None:
             raise LoraFileError(f"{name}: ComfyUI found no diffusion model in this file.")
         arch = model_arch(model)
-        if arch != "sdxl":
+        if arch != SDXL:
             raise LoraFileError(f"{name} is an {arch_label(arch)} model, but the Hyper-SD 1-step UNet is SDXL. "
                                 "Load it with core Load Diffusion Model / Load Checkpoint instead.")
         preset = preset_table.preset_from_filename(name)
@@ -221,9 +222,9 @@ def _preset_model(model, preset):
 
     # LCMScheduler's boundary condition lives in ComfyUI's LCM model sampling, whose σ table is the 50-point grid:
     # right for the lcm schedule only (the 1-step UNet's t = 800 is off that grid).
-    if preset.sampler == "lcm" and preset.scheduler == "lcm" and model_arch(model) in ("sd15", "sdxl"):
+    if preset.sampler == "lcm" and preset.scheduler == "lcm" and model_arch(model) in (SD15, SDXL):
         return ModelSamplingDiscrete().patch(model, "lcm", False)[0]
-    if getattr(preset, "shift", None) and model_arch(model) == "sd3":
+    if getattr(preset, "shift", None) and model_arch(model) == SD3:
         return ModelSamplingSD3().patch(model, float(preset.shift))[0]
     return model
 

@@ -12,7 +12,7 @@ import pytest
 
 from fewstep import samplers
 from fewstep.distill.engine import DistillConfig
-from fewstep.loras import presets
+from fewstep.loras import architectures, presets
 from fewstep.samplers.registry import SAMPLERS
 from fewstep.schedulers import check_phases, pcm_phase_edges, pcm_sigmas, phases_problem
 from fewstep.schedulers.noise_schedules import DiscreteVPSampling
@@ -152,3 +152,42 @@ def test_readme_states_the_training_defaults():
               f"rank {DEFAULT_RANK}, alpha {DEFAULT_ALPHA:g}, {c.cfg_mode} CFG with w ∈ [{c.w_min:g}, {c.w_max:g}], "
               f"{c.precision}.")
     assert stated in _flat("README.md")
+
+
+# ---------------------------------------------------------------- architectures
+
+ARCH_USERS = ("loras/formats.py", "loras/presets.py", "host/lora_patches.py", "host/training_model.py",
+              "host/training_job.py", "nodes/loras.py", "nodes/train.py")
+
+
+def test_architecture_subsets_are_of_the_one_vocabulary():
+    for subset in (architectures.MODEL_ARCHS, architectures.LORA_ARCHS, architectures.PRESET_ARCHS,
+                   architectures.UNET_ARCHS, architectures.TRAINABLE_ARCHS, tuple(architectures.CONTEXT_DIM_ARCHS.values())):
+        assert set(subset) <= set(architectures.LABELS), subset
+    assert presets.ARCHES == architectures.PRESET_ARCHS
+    assert architectures.label_list(architectures.TRAINABLE_ARCHS) == "SD1.5, SD2.x, SDXL, SD3 and FLUX"
+
+
+def test_the_preset_tables_architectures_are_the_vocabularys():
+    with open(presets.TABLE_PATH, encoding="utf-8") as handle:
+        table = json.load(handle)
+    named = {f["base_arch"] for f in table["families"].values()} - {None}
+    named |= {a for p in table["filename_patterns"] for a in p.get("preset_by_arch", {})}
+    named |= set(table["conservative"]["by_arch"])
+    assert named == set(architectures.PRESET_ARCHS)
+
+
+@pytest.mark.parametrize("path", ARCH_USERS)
+def test_no_other_module_spells_an_architecture_name(path):
+    source = (ROOT / path).read_text(encoding="utf-8")
+    for name in architectures.LABELS:
+        assert f'"{name}"' not in source and f"'{name}'" not in source, f"{path} spells {name!r} itself"
+    for label in set(architectures.LABELS.values()) - {"SD3", "FLUX", "SDXL"}:  # prose may name those
+        assert f'"{label}"' not in source, f"{path} spells the label {label!r} itself"
+
+
+def test_labels_fits_and_families():
+    assert architectures.arch_label(None) == "unknown" and architectures.arch_label("cosmos") == "cosmos"
+    assert architectures.arch_fits("mmdit", "flux") and architectures.arch_fits("mmdit", "sd3")
+    assert not architectures.arch_fits("sd15", "sdxl") and architectures.arch_fits(None, "sdxl")
+    assert architectures.same_family("sdxl", "ssd1b") and not architectures.same_family("sd15", "sdxl")
