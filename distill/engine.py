@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 from ..samplers.forward_process import forward_noise
+from ..schedulers.pcm import check_phases
 from .lora import LoraSet
 from .phased_loss import pcm_samples, phased_distance, sample_phased_targets
 
@@ -42,21 +43,23 @@ class DistillDiverged(RuntimeError):
 
 @dataclass
 class DistillConfig:
+    """The training settings. Its field defaults are the pack's training defaults: the PCM Distillation node's
+    widgets and the CLI's options (host/distill_cli.py) read them, so the three cannot differ."""
     phases: int = 4                 # M; 1 is the consistency-model (LCM-style) baseline
     ddim_timesteps: int = 50        # K, the teacher's DDIM grid
-    steps: int = 1000               # optimiser steps
-    batch_size: int = 4             # global batch per micro-step (split over data-parallel ranks)
+    steps: int = 500                # optimiser steps
+    batch_size: int = 2             # global batch per micro-step (split over data-parallel ranks)
     grad_accumulation: int = 1      # micro-steps per optimiser step
     learning_rate: float = 1e-4
     weight_decay: float = 1e-2
     warmup_steps: int = 0
     grad_clip: float = 1.0          # 0 disables clipping
     cfg_mode: str = "small"         # "small": CFG-augmented teacher, w ~ U[w_min, w_max]; "normal": CFG solver off
-    w_min: float = 3.0              # teacher guidance range; ComfyUI cfg = 1 + w
-    w_max: float = 4.0
+    w_min: float = 4.0              # teacher guidance range; ComfyUI cfg = 1 + w
+    w_max: float = 5.0
     empty_prompt_prob: float = 0.1  # "normal" mode: share of samples trained on the empty prompt
     huber_c: float = 0.001
-    precision: str = "fp32"         # autocast dtype of the forwards: fp32, bf16, or fp16 (with a gradient scaler)
+    precision: str = "bf16"         # autocast dtype of the forwards: fp32, bf16, or fp16 (with a gradient scaler)
     ema_decay: float = 0.0          # 0: the target is the student itself (the reference LoRA setting)
     adversarial_weight: float = 0.0  # weight of the adversarial G loss (reference 0.1); 0 = off
     seed: int = 0
@@ -66,9 +69,7 @@ class DistillConfig:
         """Raise a ValueError naming the bad setting and the fix; `adversarial`: whether a term was given."""
         if self.ddim_timesteps < 1 or self.ddim_timesteps > 1000:
             raise ValueError(f"ddim_timesteps (K) must be in 1..1000, got {self.ddim_timesteps}.")
-        if not 1 <= self.phases <= self.ddim_timesteps:
-            raise ValueError(f"phases ({self.phases}) must be between 1 and ddim_timesteps K ({self.ddim_timesteps}):"
-                             " each phase needs at least one DDIM step. Lower phases or raise K.")
+        check_phases(self.phases, self.ddim_timesteps)
         for name in ("steps", "batch_size", "grad_accumulation"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}.")

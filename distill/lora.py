@@ -18,6 +18,10 @@ import torch.nn.functional as F
 from torch import nn
 
 KOHYA_UNET_PREFIX = "lora_unet_"
+# The trained LoRA's shape by default (with DistillConfig's field defaults, the pack's training defaults: the
+# PCM Distillation node's widgets and the CLI's options read them).
+DEFAULT_RANK = 16
+DEFAULT_ALPHA = 16.0
 
 
 def lora_targets(root: nn.Module, under=None):

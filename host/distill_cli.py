@@ -23,8 +23,10 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
 def parse_args(argv=None):
-    from ..distill.engine import CFG_MODES, PRECISIONS
+    from ..distill.engine import CFG_MODES, PRECISIONS, DistillConfig
+    from ..distill.lora import DEFAULT_ALPHA, DEFAULT_RANK
 
+    d = DistillConfig()  # the training defaults: DistillConfig's own (the PCM Distillation node shows the same)
     p = argparse.ArgumentParser(prog="python -m fewstep.distill", description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", required=True, help="model checkpoint (.safetensors) with UNet, CLIP and VAE")
     p.add_argument("--images", required=True, help="folder of training images (captions: <image>.txt beside each)")
@@ -35,24 +37,33 @@ def parse_args(argv=None):
     p.add_argument("--flip", action="store_true", help="add horizontally flipped copies of the images (kornia)")
     p.add_argument("--comfyui", help="ComfyUI folder (default: $COMFYUI_PATH or ../.. of the pack)")
     p.add_argument("--cpu", action="store_true", help="train on the CPU")
-    p.add_argument("--steps", type=int, default=500)
-    p.add_argument("--phases", type=int, default=4)
-    p.add_argument("--ddim-timesteps", type=int, default=50)
-    p.add_argument("--batch-size", type=int, default=2, help="global batch (split over torchrun processes)")
-    p.add_argument("--grad-accumulation", type=int, default=1)
-    p.add_argument("--learning-rate", type=float, default=1e-4)
-    p.add_argument("--rank", type=int, default=16)
-    p.add_argument("--alpha", type=float, default=16.0)
-    p.add_argument("--cfg-mode", choices=CFG_MODES, default="small")
-    p.add_argument("--w-min", type=float, default=4.0)
-    p.add_argument("--w-max", type=float, default=5.0)
-    p.add_argument("--huber-c", type=float, default=0.001)
-    p.add_argument("--ema-decay", type=float, default=0.0, help="EMA target (0: the student under stop-grad)")
-    p.add_argument("--warmup-steps", type=int, default=0)
-    p.add_argument("--adversarial-weight", type=float, default=0.0,
-                   help="PCM's optional adversarial loss on the teacher's UNet features (reference 0.1; 0 = off)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--precision", choices=tuple(PRECISIONS), default="bf16")
+    default = " (default: %(default)s)"
+    p.add_argument("--steps", type=int, default=d.steps, help="optimiser steps" + default)
+    p.add_argument("--phases", type=int, default=d.phases, help="PCM phases M; 1 = one-phase baseline" + default)
+    p.add_argument("--ddim-timesteps", type=int, default=d.ddim_timesteps,
+                   help="K, the teacher's DDIM grid, at least --phases" + default)
+    p.add_argument("--batch-size", type=int, default=d.batch_size,
+                   help="global batch (split over torchrun processes)" + default)
+    p.add_argument("--grad-accumulation", type=int, default=d.grad_accumulation,
+                   help="micro-steps per optimiser step" + default)
+    p.add_argument("--learning-rate", type=float, default=d.learning_rate, help="AdamW learning rate" + default)
+    p.add_argument("--rank", type=int, default=DEFAULT_RANK, help="LoRA rank" + default)
+    p.add_argument("--alpha", type=float, default=DEFAULT_ALPHA, help="LoRA alpha (scale alpha/rank)" + default)
+    p.add_argument("--cfg-mode", choices=CFG_MODES, default=d.cfg_mode,
+                   help="small: the teacher's CFG is distilled in; normal: CFG solver off" + default)
+    p.add_argument("--w-min", type=float, default=d.w_min,
+                   help="smallest teacher guidance w, ComfyUI CFG = 1 + w (small mode)" + default)
+    p.add_argument("--w-max", type=float, default=d.w_max, help="largest teacher guidance w (small mode)" + default)
+    p.add_argument("--huber-c", type=float, default=d.huber_c, help="pseudo-Huber c of the distance" + default)
+    p.add_argument("--ema-decay", type=float, default=d.ema_decay,
+                   help="EMA target (0: the student under stop-grad)" + default)
+    p.add_argument("--warmup-steps", type=int, default=d.warmup_steps, help="linear learning-rate warm-up" + default)
+    p.add_argument("--adversarial-weight", type=float, default=d.adversarial_weight,
+                   help="PCM's optional adversarial loss on the teacher's UNet features (reference 0.1; 0 = off)"
+                        + default)
+    p.add_argument("--seed", type=int, default=d.seed, help="seeds the LoRA's init and every random draw" + default)
+    p.add_argument("--precision", choices=tuple(PRECISIONS), default=d.precision,
+                   help="autocast dtype of the forwards (fp32 on CPU)" + default)
     p.add_argument("--no-gradient-checkpointing", action="store_true")
     p.add_argument("--save-every", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from the saved state beside --output")

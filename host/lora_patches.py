@@ -16,27 +16,26 @@ import comfy.model_base
 import comfy.utils
 from comfy.weight_adapter import LoRAAdapter
 
-from ..loras.formats import LoraFileError, arch_label, module_aliases
+from ..loras.architectures import CONTEXT_DIM_ARCHS, FLUX, SD2, SD3, SD15, SDXL, arch_fits, arch_label
+from ..loras.formats import LoraFileError, module_aliases
 
 log = logging.getLogger("fewstep")
 
 
 def model_arch(model_patcher) -> str:
-    """'sd15' | 'sd2' | 'sdxl' | 'sd3' | 'flux' | the model config's class name for anything else."""
+    """One of architectures.MODEL_ARCHS, or the model config's class name (lower case) for anything else."""
     base = model_patcher.model
     if isinstance(base, comfy.model_base.Flux):
-        return "flux"
+        return FLUX
     if isinstance(base, comfy.model_base.SD3):
-        return "sd3"
+        return SD3
     if isinstance(base, comfy.model_base.SDXL):
-        return "sdxl"
+        return SDXL
     unet_config = base.model_config.unet_config
     if type(base) is comfy.model_base.BaseModel and unet_config.get("adm_in_channels") is None:
-        context = unet_config.get("context_dim")
-        if context == 768:
-            return "sd15"
-        if context == 1024:
-            return "sd2"
+        arch = CONTEXT_DIM_ARCHS.get(unet_config.get("context_dim"))
+        if arch in (SD15, SD2):  # an SDXL-wide context on a plain BaseModel is something else
+            return arch
     return type(base.model_config).__name__.lower()
 
 
@@ -45,16 +44,10 @@ def clip_arch(clip) -> str | None:
     has_l = any(k.startswith("clip_l.") for k in keys)
     has_g = any(k.startswith("clip_g.") for k in keys)
     if has_l and has_g:
-        return "sdxl"
+        return SDXL
     if has_l and not has_g:
-        return "sd15"
+        return SD15
     return None
-
-
-def arch_fits(lora_arch, target_arch) -> bool:
-    if lora_arch is None or target_arch is None or lora_arch == target_arch:
-        return True
-    return lora_arch == "mmdit" and target_arch in ("sd3", "flux")
 
 
 def lora_key_map(model=None, clip=None) -> dict:

@@ -9,22 +9,16 @@ import logging
 import comfy.k_diffusion.sampling as k_sampling
 import comfy.samplers
 
-from ..samplers import sample_ctm_gamma, sample_pcm, sample_tcd
-from ..schedulers import hyper_sd_1step_sigmas, lcm_sigmas, pcm_sigmas
+from ..samplers.registry import SAMPLERS
+from ..schedulers.registry import SCHEDULERS
 
 log = logging.getLogger("fewstep")
 
-# Dropdown samplers take their defaults: TCD γ = 0.3 (diffusers' eta default), CTM γ = 0.5.
-SAMPLERS = {"pcm": sample_pcm, "tcd": sample_tcd, "ctm_gamma": sample_ctm_gamma}
 
-
-# ComfyUI calls handler(model_sampling, steps); the schedules take exactly that, with their defaults
-# (pcm: M = N phases, trailing; lcm: the 50-point grid; hyper_sd_1step: from t = 800).
-SCHEDULERS = {"pcm": pcm_sigmas, "lcm": lcm_sigmas, "hyper_sd_1step": hyper_sd_1step_sigmas}
-
-
+# The names, functions and dropdown defaults are samplers/registry.py's and schedulers/registry.py's tables.
 def register_samplers():
-    for name, fn in SAMPLERS.items():
+    for name, entry in SAMPLERS.items():
+        fn = entry.function
         attr = "sample_" + name
         existing = getattr(k_sampling, attr, None)
         if existing is not None and existing is not fn:
@@ -38,7 +32,8 @@ def register_samplers():
 
 
 def register_schedulers():
-    for name, fn in SCHEDULERS.items():
+    for name, entry in SCHEDULERS.items():
+        fn = entry.function
         existing = comfy.samplers.SCHEDULER_HANDLERS.get(name)
         if existing is not None and existing.handler is not fn:
             log.warning("fewstep: scheduler %r is already registered by another pack; keeping theirs. "

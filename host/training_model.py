@@ -38,9 +38,9 @@ from comfy.ldm.modules.diffusionmodules.openaimodel import Downsample, ResBlock
 
 from ..distill.lora import lora_targets
 from ..loras.formats import parse_lora, read_lora_file
+from ..loras.architectures import FLUX, SD3, TRAINABLE_ARCHS, UNET_ARCHS, arch_label, label_list
 from .lora_patches import apply_lora, model_arch
 
-UNET_ARCHS = ("sd15", "sd2", "sdxl")
 # Conditioning features sampling supports but one batch row cannot express.
 _UNBATCHABLE_KEYS = ("area", "mask", "control", "gligen", "hooks")
 _TRAINING_UUID = uuid.UUID(int=0)
@@ -173,7 +173,7 @@ class TrainingModel:
 
     @property
     def arch(self) -> str:
-        """'sd15' | 'sd2' | 'sdxl' | 'sd3' | 'flux' | another model config's name (lora_patches.model_arch)."""
+        """One of architectures.MODEL_ARCHS, or another model config's name (lora_patches.model_arch)."""
         return model_arch(self.patcher)
 
     def sigmas(self):
@@ -231,7 +231,7 @@ class TrainingModel:
         self._require_loaded()
         base.requires_grad_(False)
         _own_inference_tensors(base)
-        if self.arch == "flux":
+        if self.arch == FLUX:
             self._guard_flux_inplace_adds()
 
         def denoise(x, sigma, cond_batch):
@@ -309,8 +309,8 @@ class TrainingModel:
 
     def _supported_arch(self) -> str:
         arch = self.arch
-        if arch not in UNET_ARCHS + ("sd3", "flux"):
-            raise ValueError(f"Distillation supports SD1.5, SD2, SDXL, SD3 and FLUX models; this one is {arch}.")
+        if arch not in TRAINABLE_ARCHS:
+            raise ValueError(f"Distillation supports {label_list(TRAINABLE_ARCHS)} models; this one is {arch}.")
         return arch
 
     def lora_target_names(self) -> list:
@@ -328,7 +328,7 @@ class TrainingModel:
         if arch in UNET_ARCHS:
             names = [n for n in lora_targets(dm, ("input_blocks", "middle_block", "output_blocks"))
                      if not n.startswith("input_blocks.0.")]
-        elif arch == "sd3":
+        elif arch == SD3:
             names = [n for n in lora_targets(dm, ("joint_blocks",)) if ".adaLN_modulation." not in n]
         else:
             names = [n for n in lora_targets(dm, ("double_blocks", "single_blocks"))
@@ -351,7 +351,7 @@ class TrainingModel:
         if arch in UNET_ARCHS:
             seqs = list(dm.input_blocks) + ([dm.middle_block] if dm.middle_block is not None else []) + list(dm.output_blocks)
             return [layer for seq in seqs for layer in seq if not isinstance(layer, (nn.Conv2d, nn.Linear))]
-        if arch == "sd3":
+        if arch == SD3:
             return list(dm.joint_blocks)
         self._guard_flux_inplace_adds()  # before anyone wraps the blocks
         return list(dm.double_blocks) + list(dm.single_blocks)
@@ -365,7 +365,8 @@ class TrainingModel:
         SD3 and FLUX would need their token streams reshaped to maps: refused with the fix, not silently skipped."""
         arch = self._supported_arch()
         if arch not in UNET_ARCHS:
-            raise ValueError(f"The adversarial term is available for UNet models (SD1.5, SD2, SDXL), not {arch}: set "
+            unets = ", ".join(map(arch_label, UNET_ARCHS))
+            raise ValueError(f"The adversarial term is available for UNet models ({unets}), not {arch}: set "
                              "adversarial_weight to 0 to train this model without it.")
         dm = self.patcher.model.diffusion_model
         modules = [layer for seq in dm.input_blocks for layer in seq if isinstance(layer, Downsample)]

@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .architectures import CONTEXT_DIM_ARCHS, FLUX, MMDIT, SD3, SD15, SDXL
+
 SAFE_EXTENSIONS = (".safetensors", ".sft")
 PICKLE_EXTENSIONS = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
 MAX_HEADER_BYTES = 100 * 2 ** 20
@@ -316,39 +318,31 @@ _FLUX_TOKENS = ("double_blocks", "single_blocks", "single_transformer_blocks", "
                 "img_attn", "txt_attn")
 _SD3_TOKENS = ("joint_blocks", "context_block", "x_block", "pos_embed")
 _MMDIT_TOKENS = ("transformer_blocks", "add_q_proj", "ff_context", "context_embedder")
-_CONTEXT_DIM_ARCH = {768: "sd15", 1024: "sd2", 2048: "sdxl"}
 
 
 def guess_base_arch(parsed: ParsedLora):
-    """'sd15' | 'sd2' | 'sdxl' | 'sd3' | 'flux' | 'mmdit' (SD3 or FLUX, names alone cannot tell) | None."""
+    """One of architectures.LORA_ARCHS (MMDIT when SD3 or FLUX, which names alone cannot tell apart), or None."""
     flat = [m.name.replace(".", "_") for m in parsed.modules]
     if any(tok in n for n in flat for tok in _SD3_TOKENS):
-        return "sd3"
+        return SD3
     if any(tok in n for n in flat for tok in _FLUX_TOKENS):
-        return "flux"
+        return FLUX
     if any("x_embedder" in n and "x_embedder_proj" not in n for n in flat):  # FLUX's Linear; SD3's is a conv .proj
-        return "flux"
+        return FLUX
     is_unet = any(tok in n for n in flat for tok in ("down_blocks", "up_blocks", "input_blocks", "output_blocks",
                                                       "middle_block", "mid_block", "lora_unet_"))
     if not is_unet and any(tok in n for n in flat for tok in _MMDIT_TOKENS):
-        return "mmdit"
+        return MMDIT
     if any(("lora_te2_" in n) or n.startswith("text_encoder_2") or "label_emb" in n or "add_embedding" in n
            for n in flat):
-        return "sdxl"
+        return SDXL
     for module, n in zip(parsed.modules, flat):  # cross-attention key/value input width = text context width
         if n.endswith(("attn2_to_k", "attn2_to_v", "attn2_processor_to_k", "attn2_processor_to_v")):
-            arch = _CONTEXT_DIM_ARCH.get(int(module.down.shape[1]))
+            arch = CONTEXT_DIM_ARCHS.get(int(module.down.shape[1]))
             if arch:
                 return arch
     if is_unet:
-        return "sdxl" if any("transformer_blocks_1" in n for n in flat) else "sd15"
+        return SDXL if any("transformer_blocks_1" in n for n in flat) else SD15
     if any(n.startswith(("lora_te_", "lora_te1_", "text_encoder_")) for n in flat):
-        return "sd15"
+        return SD15
     return None
-
-
-ARCH_LABELS = {"sd15": "SD1.5", "sd2": "SD2.x", "sdxl": "SDXL", "sd3": "SD3", "flux": "FLUX", "mmdit": "SD3/FLUX"}
-
-
-def arch_label(arch) -> str:
-    return ARCH_LABELS.get(arch, arch or "unknown")

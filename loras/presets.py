@@ -1,15 +1,21 @@
 """Recommended sampling settings for fast LoRAs: the table in presets.json and its lookups.
 
-Pure Python (no ComfyUI, no torch). `preset_for` weighs the evidence in this order: metadata written
-by this pack's trainer, then the file name, then the key structure (which only tells the base
-architecture), then nothing at all. Without a family it falls back to conservative settings and
-says so. The table is read and checked once, on first use.
+No ComfyUI import; torch comes in only with the pack's vocabularies read here (the dropdown names of
+samplers/registry.py and schedulers/registry.py, the phases ≤ K rule of schedulers/pcm.py). `preset_for`
+weighs the evidence in this order: metadata written by this pack's trainer, then the file name, then the key
+structure (which only tells the base architecture), then nothing at all. Without a family it falls back to
+conservative settings and says so. The table is read and checked once, on first use.
 """
 import functools
 import json
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path, PureWindowsPath
+
+from ..samplers.registry import SAMPLERS
+from .architectures import PRESET_ARCHS, arch_label, same_family
+from ..schedulers.pcm import phases_problem
+from ..schedulers.registry import SCHEDULERS
 
 TABLE_PATH = Path(__file__).with_name("presets.json")
 
@@ -29,13 +35,13 @@ TRAINER_METADATA_KEYS = (
     META_BASE_ARCH, META_STEPS_TRAINED, META_VERSION,
 )
 
-ARCHES = ("sd15", "sdxl", "ssd1b", "sd3", "flux")
-ARCH_NAMES = {"sd15": "SD1.5", "sdxl": "SDXL", "ssd1b": "SSD-1B", "sd3": "SD3", "flux": "FLUX"}
+ARCHES = PRESET_ARCHS  # the architectures the table covers, of loras/architectures.py's vocabulary
 FAMILIES = ("pcm", "hyper_sd", "tcd", "lcm", "fewstep", "unknown")
 
-# Names the table may use: the pack's own (host/registration.py) and ComfyUI core ones.
-PACK_SAMPLERS = ("pcm", "tcd", "ctm_gamma")
-PACK_SCHEDULERS = ("pcm", "lcm", "hyper_sd_1step")
+# Names the table may use: the pack's own dropdown entries (the registries host/registration.py registers) and
+# ComfyUI core ones.
+PACK_SAMPLERS = tuple(SAMPLERS)
+PACK_SCHEDULERS = tuple(SCHEDULERS)
 CORE_SAMPLERS = ("euler", "lcm", "ddim")
 CORE_SCHEDULERS = ("simple", "sgm_uniform", "normal", "ddim_uniform")
 SAMPLER_NAMES = frozenset(PACK_SAMPLERS + CORE_SAMPLERS)
@@ -185,8 +191,8 @@ def _check_numbers(pid, entry):
     for key in ("phases", "ddim_timesteps"):
         if entry[key] is not None and not (_is_int(entry[key]) and entry[key] >= 1):
             _fail(pid, f"{key} must be null or a positive integer, got {entry[key]!r}.")
-    if entry["phases"] and entry["ddim_timesteps"] and entry["phases"] > entry["ddim_timesteps"]:
-        _fail(pid, "phases cannot exceed ddim_timesteps (a phase needs a DDIM timestep).")
+    if entry["phases"] and entry["ddim_timesteps"] and phases_problem(entry["phases"], entry["ddim_timesteps"]):
+        _fail(pid, phases_problem(entry["phases"], entry["ddim_timesteps"]))
 
 
 def _check_label(pid, label):
@@ -287,7 +293,7 @@ def preset_from_metadata(metadata):
     cfg = cfg_spec["cfg"]
     preset = Preset(
         preset_id=f"fewstep_{method}_{mode}cfg", family="fewstep", variant=f"{method}_{mode}cfg", base_arch=arch,
-        label=f"fewstep-trained {spec['label']} {ARCH_NAMES[arch]} LoRA "
+        label=f"fewstep-trained {spec['label']} {arch_label(arch)} LoRA "
               f"({phases} phase{'s' * (phases != 1)}, {cfg_spec['label']})",
         sampler=spec["sampler"], scheduler=spec["scheduler"], steps=spec["steps"] or phases,
         cfg=float(cfg["default"]), cfg_min=float(cfg["min"]), cfg_max=float(cfg["max"]), gamma=None,
@@ -301,8 +307,8 @@ def _meta_phases(metadata, method):
     # The one-phase baseline has M = 1 whatever the file says; PCM needs its M (and K when known).
     phases = 1 if method == "lcm" else _meta_int(metadata, META_PHASES, required=True)
     ddim = _meta_int(metadata, META_DDIM_TIMESTEPS, required=False)
-    if ddim is not None and phases > ddim:
-        raise ValueError(f"{META_PHASES} ({phases}) cannot exceed {META_DDIM_TIMESTEPS} ({ddim}).")
+    if ddim is not None and phases_problem(phases, ddim):
+        raise ValueError(f"{META_PHASES}, {META_DDIM_TIMESTEPS}: {phases_problem(phases, ddim)}")
     return phases, ddim
 
 
@@ -398,32 +404,21 @@ def preset_for(filename, metadata=None, base_arch=None, rank=None):
     if found is not None:
         return found
     named = preset_from_filename(filename or "", base_arch)
-    if named is not None and _arch_agrees(named.base_arch, base_arch):
+    if named is not None and same_family(named.base_arch, base_arch):
         return replace(named, message="; ".join(reasons + [named.message]))
     if named is not None:
-        reasons.append(f"the file name says {named.label} but the keys are {_arch_text(base_arch)}, "
+        reasons.append(f"the file name says {named.label} but the keys are {arch_label(base_arch)}, "
                        "so the name is not trusted")
     return conservative_preset(base_arch, _unknown_text(base_arch, rank, reasons))
-
-
-def _arch_agrees(named_arch, structural_arch):
-    # SSD-1B is a pruned SDXL: a key-structure check may report either for the same file.
-    if structural_arch is None or named_arch == structural_arch:
-        return True
-    return {named_arch, structural_arch} == {"sdxl", "ssd1b"}
 
 
 def _unknown_text(base_arch, rank, reasons):
     rank_text = f" of rank {rank}" if rank else ""
     prefix = "; ".join(reasons) + "; " if reasons else ""
     if base_arch in ARCHES:
-        return f"{prefix}unknown family ({ARCH_NAMES[base_arch]} LoRA{rank_text}, by key structure): "
+        return f"{prefix}unknown family ({arch_label(base_arch)} LoRA{rank_text}, by key structure): "
     arch_text = f", architecture {base_arch!r} not covered" if base_arch else ""
     return f"{prefix}unknown LoRA{rank_text} (no trainer metadata, no known file name{arch_text}): "
-
-
-def _arch_text(base_arch):
-    return ARCH_NAMES.get(base_arch, str(base_arch))
 
 
 def _describe(preset, origin):

@@ -15,9 +15,10 @@ from comfy_api.latest import io
 
 from ..host.lora_patches import apply_lora, model_arch
 from ..loras import presets as preset_table
-from ..loras.formats import LoraFileError, arch_label, check_lora_path, parse_lora, read_lora_file, read_safetensors_header
-from ..samplers import sample_ctm_gamma, sample_pcm, sample_tcd
-from ..schedulers import apply_denoise, hyper_sd_1step_sigmas, lcm_sigmas, pcm_sigmas
+from ..loras.architectures import SD3, SD15, SDXL, arch_label
+from ..loras.formats import LoraFileError, check_lora_path, parse_lora, read_lora_file, read_safetensors_header
+from ..samplers.registry import SAMPLERS
+from ..schedulers import apply_denoise, hyper_sd_1step_sigmas, lcm_sigmas, pcm_sigmas, phases_problem
 
 log = logging.getLogger("fewstep")
 
@@ -171,7 +172,7 @@ class FewStepHyperSD1StepUNetLoader(io.ComfyNode):
         if model is None:
             raise LoraFileError(f"{name}: ComfyUI found no diffusion model in this file.")
         arch = model_arch(model)
-        if arch != "sdxl":
+        if arch != SDXL:
             raise LoraFileError(f"{name} is an {arch_label(arch)} model, but the Hyper-SD 1-step UNet is SDXL. "
                                 "Load it with core Load Diffusion Model / Load Checkpoint instead.")
         preset = preset_table.preset_from_filename(name)
@@ -185,13 +186,11 @@ def _one_step_unet_preset():
 
 
 def _preset_sampler(preset, gamma):
-    """The KSAMPLER a preset asks for; γ only matters to the stochastic samplers."""
-    if preset.sampler == "pcm":
-        return comfy.samplers.KSAMPLER(sample_pcm)
-    if preset.sampler == "tcd":
-        return comfy.samplers.KSAMPLER(sample_tcd, extra_options={"gamma": float(gamma)})
-    if preset.sampler == "ctm_gamma":
-        return comfy.samplers.KSAMPLER(sample_ctm_gamma, extra_options={"gamma": float(gamma)})
+    """The KSAMPLER a preset asks for; γ only matters to the stochastic samplers (those with a γ option)."""
+    pack = SAMPLERS.get(preset.sampler)
+    if pack is not None:
+        options = {"gamma": float(gamma)} if "gamma" in pack.options else {}
+        return comfy.samplers.KSAMPLER(pack.function, extra_options=options)
     if preset.sampler not in comfy.samplers.KSampler.SAMPLERS:
         raise ValueError(f"preset {preset.preset_id} names an unknown sampler {preset.sampler!r}.")
     return comfy.samplers.sampler_object(preset.sampler)
@@ -201,8 +200,14 @@ def _preset_sigmas(model, preset, steps, denoise):
     ms = model.get_model_object("model_sampling")
     if preset.scheduler == "pcm":
         phases, k = getattr(preset, "phases", None), getattr(preset, "ddim_timesteps", None)
-        if phases and k and phases <= k:
-            return apply_denoise(lambda n: pcm_sigmas(ms, n, phases, k), steps, denoise)
+        if phases and k:
+            problem = phases_problem(phases, k)
+            if problem is None:
+                return apply_denoise(lambda n: pcm_sigmas(ms, n, phases, k), steps, denoise)
+            # e.g. a PCM SDXL file named "…_48step": 48 phases on SDXL's K = 40 grid. Not refused (the file may be
+            # fine, its name is what says 48), but said: it samples on the `pcm` dropdown's trailing schedule.
+            log.warning("fewstep: preset %s: %s Sampling with the pcm dropdown's schedule (M = steps phases, "
+                        "trailing) instead of the preset's phase edges.", preset.preset_id, problem)
         return apply_denoise(lambda n: pcm_sigmas(ms, n), steps, denoise)
     if preset.scheduler == "lcm":
         return apply_denoise(lambda n: lcm_sigmas(ms, n), steps, denoise)
@@ -217,9 +222,9 @@ def _preset_model(model, preset):
 
     # LCMScheduler's boundary condition lives in ComfyUI's LCM model sampling, whose σ table is the 50-point grid:
     # right for the lcm schedule only (the 1-step UNet's t = 800 is off that grid).
-    if preset.sampler == "lcm" and preset.scheduler == "lcm" and model_arch(model) in ("sd15", "sdxl"):
+    if preset.sampler == "lcm" and preset.scheduler == "lcm" and model_arch(model) in (SD15, SDXL):
         return ModelSamplingDiscrete().patch(model, "lcm", False)[0]
-    if getattr(preset, "shift", None) and model_arch(model) == "sd3":
+    if getattr(preset, "shift", None) and model_arch(model) == SD3:
         return ModelSamplingSD3().patch(model, float(preset.shift))[0]
     return model
 
@@ -279,7 +284,8 @@ class FewStepPresetToKSampler(io.ComfyNode):
             display_name="Preset to KSampler Settings",
             category="sampling/fewstep",
             description="Turns a preset into sampler_name / scheduler / steps / cfg for core KSampler (convert those "
-                        "widgets to inputs and wire them). The note says what KSampler cannot express (e.g. γ ≠ 0.3).",
+                        "widgets to inputs and wire them). The note says what KSampler cannot express (e.g. "
+                        f"γ ≠ {SAMPLERS['tcd'].options['gamma']:g}).",
             inputs=[Preset.Input("preset", tooltip="From Fast LoRA Loader or Hyper-SDXL 1-Step UNet Loader.")],
             outputs=[
                 io.Combo.Output(display_name="sampler_name", options=comfy.samplers.KSampler.SAMPLERS),
@@ -294,9 +300,10 @@ class FewStepPresetToKSampler(io.ComfyNode):
     @classmethod
     def execute(cls, preset) -> io.NodeOutput:
         notes = [preset.message]
-        if preset.sampler == "tcd" and preset.gamma is not None and abs(preset.gamma - 0.3) > 1e-9:
-            notes.append(f"KSampler's tcd uses γ 0.3; this preset wants γ {preset.gamma:g}: use Fast Sampler or the "
-                         "TCD Sampler node for an exact match.")
+        dropdown_gamma = SAMPLERS["tcd"].options["gamma"]
+        if preset.sampler == "tcd" and preset.gamma is not None and abs(preset.gamma - dropdown_gamma) > 1e-9:
+            notes.append(f"KSampler's tcd uses γ {dropdown_gamma:g}; this preset wants γ {preset.gamma:g}: use Fast "
+                         "Sampler or the TCD Sampler node for an exact match.")
         phases = getattr(preset, "phases", None)
         if preset.scheduler == "pcm" and phases and phases != preset.steps:
             notes.append(f"KSampler's pcm scheduler puts phases = steps; this preset has {phases} phases.")

@@ -6,7 +6,7 @@ import torch
 from comfy_api.latest import io
 from PIL import Image, ImageDraw, ImageFont
 
-from ..schedulers import pcm_phase_edges
+from ..schedulers import pcm_phase_edges, phases_problem
 from .schedulers import _out_of_range, _verdict
 
 CATEGORY = "sampling/custom_sampling/schedulers"
@@ -80,8 +80,8 @@ class FewStepSchedulePreview(io.ComfyNode):
     def validate_inputs(cls, phases=None, ddim_timesteps=None):
         # Named inputs only (a **kwargs signature disables ComfyUI's range checks); these two are checked here.
         problems = [_out_of_range("phases", phases, 0, 50), _out_of_range("ddim_timesteps", ddim_timesteps, 1, 1000)]
-        if isinstance(phases, int) and isinstance(ddim_timesteps, int) and phases > ddim_timesteps:
-            problems.append(f"phases ({phases}) cannot exceed ddim_timesteps ({ddim_timesteps}).")
+        if not any(problems) and isinstance(phases, int) and isinstance(ddim_timesteps, int) and phases > 0:
+            problems.append(phases_problem(phases, ddim_timesteps))  # 0 draws no edges
         return _verdict(problems)
 
     @classmethod

@@ -2,9 +2,10 @@
 import comfy.samplers
 from comfy_api.latest import io
 
-from ..samplers import sample_ctm_gamma, sample_pcm, sample_tcd
+from ..samplers.registry import SAMPLERS
 
 CATEGORY = "sampling/custom_sampling/samplers"
+TCD, CTM, PCM = SAMPLERS["tcd"], SAMPLERS["ctm_gamma"], SAMPLERS["pcm"]  # the widgets default to the dropdown's options
 
 
 class FewStepTCDSampler(io.ComfyNode):
@@ -17,17 +18,18 @@ class FewStepTCDSampler(io.ComfyNode):
             description="Strategic Stochastic Sampling of Trajectory Consistency Distillation, step for step as diffusers' "
                         "TCDScheduler. Use with the LCM / TCD Grid Scheduler for TCD LoRAs, or the PCM Scheduler for PCM.",
             inputs=[
-                io.Float.Input("gamma", default=0.3, min=0.0, max=1.0, step=0.01, round=False,
+                io.Float.Input("gamma", default=TCD.options["gamma"], min=0.0, max=1.0, step=0.01, round=False,
                                tooltip="Stochasticity γ, the number diffusers and ComfyUI-TCD call `eta` (same meaning, not 1 − γ). "
-                                       "0 = deterministic DDIM; 0.3 = diffusers' default; 1 = re-noise fully each step "
-                                       "(Hyper-SD's unified LoRA uses 1.0). Higher γ: smoother, less detail."),
+                                       f"0 = deterministic DDIM; {TCD.options['gamma']:g} = diffusers' default and the `tcd` "
+                                       "dropdown's; 1 = re-noise fully each step (Hyper-SD's unified LoRA uses 1.0). "
+                                       "Higher γ: smoother, less detail."),
             ],
             outputs=[io.Sampler.Output()],
         )
 
     @classmethod
     def execute(cls, gamma) -> io.NodeOutput:
-        return io.NodeOutput(comfy.samplers.KSAMPLER(sample_tcd, extra_options={"gamma": float(gamma)}))
+        return io.NodeOutput(comfy.samplers.KSAMPLER(TCD.function, extra_options={"gamma": float(gamma)}))
 
 
 class FewStepCTMGammaSampler(io.ComfyNode):
@@ -40,15 +42,16 @@ class FewStepCTMGammaSampler(io.ComfyNode):
             description="γ-sampling of Consistency Trajectory Models: jump to s = √(1−γ²)·σ_next, then re-noise to σ_next. "
                         "γ interpolates between deterministic jumps (0) and consistency multistep sampling (1).",
             inputs=[
-                io.Float.Input("gamma", default=0.5, min=0.0, max=1.0, step=0.01, round=False,
-                               tooltip="0 = deterministic (DDIM jumps); 1 = jump to the end and re-noise each step (CM multistep)."),
+                io.Float.Input("gamma", default=CTM.options["gamma"], min=0.0, max=1.0, step=0.01, round=False,
+                               tooltip="0 = deterministic (DDIM jumps); 1 = jump to the end and re-noise each step (CM multistep). "
+                                       f"The `ctm_gamma` dropdown uses {CTM.options['gamma']:g}."),
             ],
             outputs=[io.Sampler.Output()],
         )
 
     @classmethod
     def execute(cls, gamma) -> io.NodeOutput:
-        return io.NodeOutput(comfy.samplers.KSAMPLER(sample_ctm_gamma, extra_options={"gamma": float(gamma)}))
+        return io.NodeOutput(comfy.samplers.KSAMPLER(CTM.function, extra_options={"gamma": float(gamma)}))
 
 
 class FewStepPCMSampler(io.ComfyNode):
@@ -66,4 +69,4 @@ class FewStepPCMSampler(io.ComfyNode):
 
     @classmethod
     def execute(cls) -> io.NodeOutput:
-        return io.NodeOutput(comfy.samplers.KSAMPLER(sample_pcm))
+        return io.NodeOutput(comfy.samplers.KSAMPLER(PCM.function))

@@ -1,7 +1,9 @@
 """SIGMAS nodes: PCM phased schedule, LCM/TCD 50-point grid, Hyper-SD one-step."""
 from comfy_api.latest import io
 
-from ..schedulers import END_CONVENTIONS, apply_denoise, hyper_sd_1step_sigmas, lcm_sigmas, lcm_timesteps, pcm_sigmas
+from ..schedulers import (END_CONVENTIONS, apply_denoise, hyper_sd_1step_sigmas, lcm_sigmas, lcm_timesteps, pcm_sigmas,
+                          phases_problem)
+from ..schedulers.registry import SCHEDULERS
 
 CATEGORY = "sampling/custom_sampling/schedulers"
 
@@ -47,7 +49,8 @@ class FewStepPCMScheduler(io.ComfyNode):
                              tooltip="Sampling steps N. N = phases walks the edges; N > phases adds sub-steps inside phases; "
                                      "N < phases skips edges (the LoRA was not trained for that)."),
                 io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01, tooltip=DENOISE_TOOLTIP),
-                io.Combo.Input("end", options=list(END_CONVENTIONS), default="zero", tooltip=END_TOOLTIP),
+                io.Combo.Input("end", options=list(END_CONVENTIONS), default=SCHEDULERS["pcm"].defaults["end"],
+                               tooltip=END_TOOLTIP),
             ],
             outputs=[io.Sigmas.Output()],
         )
@@ -57,9 +60,8 @@ class FewStepPCMScheduler(io.ComfyNode):
     @classmethod
     def validate_inputs(cls, phases=None, ddim_timesteps=None):
         problems = [_out_of_range("phases", phases, 1, 50), _out_of_range("ddim_timesteps", ddim_timesteps, 1, 1000)]
-        if isinstance(phases, int) and isinstance(ddim_timesteps, int) and phases > ddim_timesteps:
-            problems.append(f"phases ({phases}) cannot exceed ddim_timesteps ({ddim_timesteps}): every phase needs at least "
-                            f"one DDIM timestep. Lower phases or raise ddim_timesteps.")
+        if not any(problems) and isinstance(phases, int) and isinstance(ddim_timesteps, int):
+            problems.append(phases_problem(phases, ddim_timesteps))
         return _verdict(problems)
 
     @classmethod
@@ -83,9 +85,10 @@ class FewStepLCMScheduler(io.ComfyNode):
                 io.Int.Input("steps", default=4, min=1, max=50, tooltip="Sampling steps, at most the grid size (50 × denoise)."),
                 io.Float.Input("denoise", default=1.0, min=0.01, max=1.0, step=0.01,
                                tooltip="diffusers' `strength`: below 1 the grid shrinks to its lower part (img2img)."),
-                io.Int.Input("original_steps", default=50, min=1, max=1000,
+                io.Int.Input("original_steps", default=SCHEDULERS["lcm"].defaults["original_steps"], min=1, max=1000,
                              tooltip="Size of the distillation grid (diffusers' original_inference_steps); 50 for every released LCM/TCD LoRA."),
-                io.Combo.Input("end", options=list(END_CONVENTIONS), default="zero", tooltip=END_TOOLTIP),
+                io.Combo.Input("end", options=list(END_CONVENTIONS), default=SCHEDULERS["lcm"].defaults["end"],
+                               tooltip=END_TOOLTIP),
             ],
             outputs=[io.Sigmas.Output()],
         )

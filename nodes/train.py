@@ -16,15 +16,17 @@ import torch
 from comfy_api.latest import io
 
 from ..distill.engine import CFG_MODES, PRECISIONS, DistillConfig, DistillDiverged
+from ..distill.lora import DEFAULT_ALPHA, DEFAULT_RANK
 from ..host.training_model import TrainingModel, encode_prompts
 from ..host.training_job import TrainingInterrupted, TrainJob, run
 from ..samplers import sample_pcm
-from ..schedulers import pcm_sigmas
+from ..schedulers import pcm_sigmas, phases_problem
 from .preview import _draw_loss_curve
 
 log = logging.getLogger("fewstep")
 
 VALIDATION_STEPS = (1, 2, 4)
+_DEFAULTS = DistillConfig()  # the training defaults: the widgets show DistillConfig's own
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.+-]*(/[A-Za-z0-9][A-Za-z0-9 _.+-]*)*$")
 
 
@@ -96,32 +98,32 @@ class FewStepPCMDistill(io.ComfyNode):
                 io.Latent.Input("latents", tooltip="Training data: a batch of latents, e.g. VAE Encode of your images."),
                 io.String.Input("output_name", default="fewstep_pcm_lora",
                                 tooltip="LoRA file name inside models/loras (sub/folders allowed)."),
-                io.Int.Input("steps", default=500, min=1, max=1_000_000, tooltip="Optimiser steps to train."),
-                io.Int.Input("phases", default=4, min=1, max=100,
+                io.Int.Input("steps", default=_DEFAULTS.steps, min=1, max=1_000_000, tooltip="Optimiser steps to train."),
+                io.Int.Input("phases", default=_DEFAULTS.phases, min=1, max=100,
                              tooltip="PCM phases M: the LoRA samples best at M steps. 1 = one-phase consistency "
                                      "(LCM-style) baseline."),
-                io.Int.Input("ddim_timesteps", default=50, min=1, max=1000,
+                io.Int.Input("ddim_timesteps", default=_DEFAULTS.ddim_timesteps, min=1, max=1000,
                              tooltip="K, the teacher's DDIM grid (SD1.5 script 50, SDXL 40). Must be ≥ phases."),
-                io.Int.Input("batch_size", default=2, min=1, max=1024, tooltip="Latents per step."),
-                io.Int.Input("grad_accumulation", default=1, min=1, max=1024,
+                io.Int.Input("batch_size", default=_DEFAULTS.batch_size, min=1, max=1024, tooltip="Latents per step."),
+                io.Int.Input("grad_accumulation", default=_DEFAULTS.grad_accumulation, min=1, max=1024,
                              tooltip="Steps whose gradients are summed before an update (bigger effective batch)."),
-                io.Float.Input("learning_rate", default=1e-4, min=1e-8, max=1.0, step=1e-6, round=1e-8,
+                io.Float.Input("learning_rate", default=_DEFAULTS.learning_rate, min=1e-8, max=1.0, step=1e-6, round=1e-8,
                                tooltip="AdamW learning rate of the LoRA."),
-                io.Int.Input("rank", default=16, min=1, max=512, tooltip="LoRA rank."),
-                io.Float.Input("alpha", default=16.0, min=0.01, max=1024.0, step=0.5,
+                io.Int.Input("rank", default=DEFAULT_RANK, min=1, max=512, tooltip="LoRA rank."),
+                io.Float.Input("alpha", default=DEFAULT_ALPHA, min=0.01, max=1024.0, step=0.5,
                                tooltip="LoRA alpha; the LoRA's scale is alpha/rank."),
-                io.Combo.Input("cfg_mode", options=list(CFG_MODES), default="small",
+                io.Combo.Input("cfg_mode", options=list(CFG_MODES), default=_DEFAULTS.cfg_mode,
                                tooltip="small: the teacher's CFG (w in [w_min, w_max]) is distilled in, sample at CFG "
                                        "1–2. normal: CFG solver off with 10 % empty prompts, sample at CFG 2–6."),
-                io.Float.Input("w_min", default=4.0, min=0.0, max=30.0, step=0.1,
+                io.Float.Input("w_min", default=_DEFAULTS.w_min, min=0.0, max=30.0, step=0.1,
                                tooltip="Smallest teacher guidance w (ComfyUI CFG = 1 + w). small mode only."),
-                io.Float.Input("w_max", default=5.0, min=0.0, max=30.0, step=0.1,
+                io.Float.Input("w_max", default=_DEFAULTS.w_max, min=0.0, max=30.0, step=0.1,
                                tooltip="Largest teacher guidance w. small mode only."),
-                io.Float.Input("huber_c", default=0.001, min=0.0, max=1.0, step=0.0001,
+                io.Float.Input("huber_c", default=_DEFAULTS.huber_c, min=0.0, max=1.0, step=0.0001,
                                tooltip="Pseudo-Huber c of the distance (0 = L1 on the samples)."),
-                io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff,
+                io.Int.Input("seed", default=_DEFAULTS.seed, min=0, max=0xffffffffffffffff,
                              tooltip="Seeds the LoRA's init and every random draw: same seed, same LoRA."),
-                io.Combo.Input("precision", options=list(PRECISIONS), default="bf16",
+                io.Combo.Input("precision", options=list(PRECISIONS), default=_DEFAULTS.precision,
                                tooltip="Autocast dtype of the forwards; the LoRA's weights stay float32. fp16 uses a "
                                        "gradient scaler. fp32 on CPU."),
                 io.Boolean.Input("gradient_checkpointing", default=True,
@@ -144,13 +146,13 @@ class FewStepPCMDistill(io.ComfyNode):
                 io.String.Input("prompts", optional=True, multiline=True, default="",
                                 tooltip="With clip: one prompt per line, one per latent or a single shared line."),
                 io.Vae.Input("vae", optional=True, tooltip="Decodes the validation images (else a latent preview)."),
-                io.Int.Input("warmup_steps", default=0, min=0, max=1_000_000, optional=True,
+                io.Int.Input("warmup_steps", default=_DEFAULTS.warmup_steps, min=0, max=1_000_000, optional=True,
                              tooltip="Raise the learning rate linearly over the first N steps (PCM scripts: 500). "
                                      "0 = full rate from the start."),
-                io.Float.Input("ema_decay", default=0.0, min=0.0, max=0.9999, step=0.0001, round=0.0001, optional=True,
+                io.Float.Input("ema_decay", default=_DEFAULTS.ema_decay, min=0.0, max=0.9999, step=0.0001, round=0.0001, optional=True,
                                tooltip="Target network: an EMA of the LoRA with this decay (e.g. 0.95), or 0 = the "
                                        "student itself under stop-grad (the PCM/LCM-LoRA scripts' setting)."),
-                io.Float.Input("adversarial_weight", default=0.0, min=0.0, max=10.0, step=0.01, optional=True,
+                io.Float.Input("adversarial_weight", default=_DEFAULTS.adversarial_weight, min=0.0, max=10.0, step=0.01, optional=True,
                                tooltip="Weight of PCM's optional adversarial loss (reference 0.1): discriminator heads "
                                        "on the frozen teacher's UNet features, hinge loss. 0 = off. SD1.5/SD2/SDXL "
                                        "only; about doubles the step time."),
@@ -172,9 +174,8 @@ class FewStepPCMDistill(io.ComfyNode):
                 _lora_output_path(output_name)
             except ValueError as error:
                 return str(error)
-        if phases is not None and ddim_timesteps is not None and phases > ddim_timesteps:
-            return (f"phases ({phases}) cannot exceed ddim_timesteps ({ddim_timesteps}): each phase needs at least "
-                    "one DDIM step. Lower phases or raise ddim_timesteps.")
+        if isinstance(phases, int) and isinstance(ddim_timesteps, int) and phases_problem(phases, ddim_timesteps):
+            return phases_problem(phases, ddim_timesteps)
         if w_min is not None and w_max is not None and w_min > w_max:
             return f"w_min ({w_min}) is larger than w_max ({w_max})."
         return True

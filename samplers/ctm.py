@@ -11,6 +11,8 @@ import torch
 
 from .common import jump_and_renoise
 
+DEFAULT_GAMMA = 0.5  # what the `ctm_gamma` dropdown entry runs with (samplers.registry)
+
 
 def ctm_intermediate_sigma(sigma_next, sigma_end, gamma):
     if gamma == 0.0:  # exactly σ_next: rounding in the formula must not turn γ = 0 into a (tiny) noise draw
@@ -19,7 +21,8 @@ def ctm_intermediate_sigma(sigma_next, sigma_end, gamma):
 
 
 @torch.no_grad()
-def sample_ctm_gamma(model, x, sigmas, extra_args=None, callback=None, disable=None, gamma=0.5, noise_sampler=None):
+def sample_ctm_gamma(model, x, sigmas, extra_args=None, callback=None, disable=None, gamma=DEFAULT_GAMMA,
+                     noise_sampler=None):
     if not 0.0 <= gamma <= 1.0:
         raise ValueError(f"CTM gamma must be in [0, 1] (0 = deterministic, 1 = consistency multistep), got {gamma}.")
     sigma_end = sigmas[-1]  # converted to a number only after jump_and_renoise has checked the list

@@ -11,6 +11,8 @@ import torch
 
 from .common import jump_and_renoise
 
+DEFAULT_GAMMA = 0.3  # diffusers' TCDScheduler eta default; what the `tcd` dropdown entry runs with (samplers.registry)
+
 
 def tcd_intermediate_sigma(model_sampling, sigma_next, gamma):
     """σ_s of TCD's intermediate point for the step that ends at σ_next.
@@ -32,7 +34,8 @@ def tcd_intermediate_sigma(model_sampling, sigma_next, gamma):
 
 
 @torch.no_grad()
-def sample_tcd(model, x, sigmas, extra_args=None, callback=None, disable=None, gamma=0.3, noise_sampler=None):
+def sample_tcd(model, x, sigmas, extra_args=None, callback=None, disable=None, gamma=DEFAULT_GAMMA,
+               noise_sampler=None):
     if not 0.0 <= gamma <= 1.0:
         raise ValueError(f"TCD gamma must be in [0, 1] (0 = deterministic DDIM, 1 = fully stochastic), got {gamma}.")
     return jump_and_renoise(model, x, sigmas, extra_args, callback,

@@ -19,12 +19,29 @@ def ddim_timesteps(ddim_steps, num_train_timesteps=1000):
     return [(j + 1) * stride - 1 for j in range(ddim_steps)]
 
 
+def phases_problem(phases, ddim_timesteps):
+    """The rule 1 ≤ phases M ≤ ddim_timesteps K (a phase needs at least one DDIM timestep): its one message, or None.
+
+    The scheduler, the engine, the preset table, the trainer-metadata reader and the nodes' validation all use it.
+    """
+    if 1 <= phases <= ddim_timesteps:
+        return None
+    return (f"phases ({phases}) must be between 1 and ddim_timesteps K ({ddim_timesteps}): phases cannot exceed "
+            "ddim_timesteps, as every phase needs at least one DDIM timestep. Lower phases or raise ddim_timesteps.")
+
+
+def check_phases(phases, ddim_timesteps):
+    """Raise ValueError with `phases_problem`'s message when phases M and ddim_timesteps K do not fit."""
+    problem = phases_problem(phases, ddim_timesteps)
+    if problem is not None:
+        raise ValueError(problem)
+
+
 def pcm_phase_edges(phases, ddim_steps, num_train_timesteps=1000):
     """[top, e_{M−1}, ..., e_1, 0]: the M + 1 phase boundaries in training timesteps, descending."""
     if ddim_steps < 1 or ddim_steps > num_train_timesteps:
         raise ValueError(f"ddim_steps (K) must be in 1..{num_train_timesteps}, got {ddim_steps}.")
-    if phases < 1 or phases > ddim_steps:
-        raise ValueError(f"phases (M) must be in 1..K={ddim_steps}: a phase needs at least one DDIM timestep, got M={phases}.")
+    check_phases(phases, ddim_steps)
     grid = ddim_timesteps(ddim_steps, num_train_timesteps)
     starts = [(i * ddim_steps) // phases for i in range(phases)]
     edges = [grid[start - 1] for start in starts[1:]]

@@ -1,4 +1,4 @@
-"""Fast-LoRA preset table and detection (pure: no ComfyUI, no torch)."""
+"""Fast-LoRA preset table and detection (pure: no ComfyUI)."""
 import copy
 import json
 import pathlib
@@ -289,7 +289,7 @@ def test_validation_catches_a_broken_table(breakage, expected):
 
 
 def test_pack_names_are_the_registered_ones():
-    source = (ROOT / "host" / "registration.py").read_text(encoding="utf-8")
+    source = "".join((ROOT / package / "registry.py").read_text(encoding="utf-8") for package in ("samplers", "schedulers"))
     for name in presets.PACK_SAMPLERS + presets.PACK_SCHEDULERS:
         assert re.search(rf'"{name}"\s*:', source), name
 

@@ -53,8 +53,9 @@ def make_setup(seed=0, n=8, batch=4, ms=VP, dtype=torch.float32, **overrides):
     g = torch.Generator().manual_seed(123)
     data = LatentData(torch.randn(n, 4, 8, 8, generator=g).to(dtype), cond=torch.randn(n, 8, generator=g).to(dtype),
                       uncond=torch.zeros(1, 8, dtype=dtype))
-    config = DistillConfig(phases=2, ddim_timesteps=10, steps=10, batch_size=batch, learning_rate=1e-3,
-                           w_min=1.0, w_max=2.0, seed=seed, **overrides)
+    settings = dict(phases=2, ddim_timesteps=10, steps=10, batch_size=batch, learning_rate=1e-3, w_min=1.0, w_max=2.0,
+                    seed=seed, precision="fp32")  # fp32 unless a test asks otherwise (the pack's default is bf16)
+    config = DistillConfig(**{**settings, **overrides})
     return net, lora, data, config
 
 
