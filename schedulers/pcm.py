@@ -26,8 +26,9 @@ def phases_problem(phases, ddim_timesteps):
     """
     if 1 <= phases <= ddim_timesteps:
         return None
-    return (f"phases ({phases}) must be between 1 and ddim_timesteps K ({ddim_timesteps}): phases cannot exceed "
-            "ddim_timesteps, as every phase needs at least one DDIM timestep. Lower phases or raise ddim_timesteps.")
+    return (f"phases ({phases}) must be between 1 and ddim_timesteps K ({ddim_timesteps}): a phase needs at least one "
+            f"DDIM timestep, so phases cannot exceed ddim_timesteps ({ddim_timesteps}). Lower phases or raise "
+            "ddim_timesteps.")
 
 
 def check_phases(phases, ddim_timesteps):
