@@ -10,7 +10,8 @@ def sigmas_from_timesteps(model_sampling, timesteps, end="zero"):
     σ(t) is read from the model's own σ table (`model_sampling.sigmas[t]`), the convention of
     ComfyUI's `simple` scheduler, so the same timesteps serve ε, v and flow models.
     end="zero" appends σ = 0 (a clean x̂0, ComfyUI's convention); end="sigma_min" appends the
-    smallest training σ (t = 0: diffusers' set_alpha_to_one=False, as in PCM's and TCD's pipelines).
+    smallest training σ (t = 0), where diffusers' pipelines end: DDIMScheduler with set_alpha_to_one=False (PCM's
+    validation), and TCDScheduler, whose last step goes to timestep 0 itself.
     """
     if end not in END_CONVENTIONS:
         raise ValueError(f"end must be one of {END_CONVENTIONS}, got {end!r}.")
