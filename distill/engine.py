@@ -4,14 +4,14 @@
 onto the network behind `denoise(x, σ[B], cond) -> D`); `model_sampling` is the model's (ComfyUI's object, or a
 stand-in with the same `sigmas` table, `noise_scaling` and `calculate_input`): the engine noises, steps and jumps
 through its forward process exactly as the samplers do (`samplers.forward_process`), ε, v and flow alike. The
-teacher is the same network with the LoRA off and the
-target is the student under stop-grad (or its EMA), so the base weights exist once in memory.
+teacher is the same network with the LoRA off and the target is the student under stop-grad (or its EMA), so the
+base weights exist once in memory.
 
 Every random draw (samples, grid indices, guidance w, noise, empty-prompt dropout) comes from one CPU
 generator seeded by `config.seed` and is made for the whole global batch, so a run is reproducible on any
 device and a data-parallel run (torch.distributed: each rank takes its slice of the global batch, gradients are
-averaged with all_reduce) computes the same update as one process. The generator's state is part of the
-training state, so a resumed run continues exactly where an uninterrupted one would be.
+averaged with all_reduce) trains on the same global batches as one process. The generator's state is part of
+the training state, so a resumed run continues exactly where an uninterrupted one would be.
 
 What data parallelism guarantees is the same loss and the same averaged gradient up to float rounding (a batch
 of 4 and two batches of 2 sum in different orders); AdamW's first steps turn rounding-level differences on
