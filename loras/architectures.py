@@ -39,10 +39,13 @@ def arch_fits(lora_arch, target_arch) -> bool:
 def same_family(named_arch, structural_arch) -> bool:
     """Whether a file name's architecture agrees with the key structure's (None: not known, agrees).
 
-    SSD-1B is a pruned SDXL: a key-structure check may report either for the same file.
+    SSD-1B is a pruned SDXL: a key-structure check may report either for the same file. MMDiT keys without the
+    layers that tell SD3 from FLUX (the published PCM-SD3 files carry no pos_embed) agree with a name of either.
     """
     if structural_arch is None or named_arch == structural_arch:
         return True
+    if structural_arch == MMDIT:
+        return named_arch in (SD3, FLUX)
     return {named_arch, structural_arch} == {SDXL, SSD1B}
 
 

@@ -221,6 +221,27 @@ def test_arch_contradiction_falls_back_to_structure():
     assert "not trusted" in preset.message and "SD1.5" in preset.message and "conservative" in preset.message
 
 
+@pytest.mark.parametrize("name,preset_id,steps,shift", [
+    ("pcm_deterministic_2step_shift1.safetensors", "pcm_sd3_deterministic", 2, 1.0),
+    ("pcm_deterministic_4step_shift1.safetensors", "pcm_sd3_deterministic", 4, 1.0),
+    ("pcm_deterministic_4step_shift3.safetensors", "pcm_sd3_deterministic", 4, 3.0),
+    ("pcm_stochastic_shift3.safetensors", "pcm_sd3_stochastic", 4, 3.0),
+])
+def test_pcm_sd3_files_are_recognised_from_mmdit_keys(name, preset_id, steps, shift):
+    """The published PCM-SD3 files carry no pos_embed, so their keys say only "MMDiT" (SD3 or FLUX): that agrees
+    with an SD3 name (it used to make the name distrusted, giving the conservative preset). Card: 2 / 4 steps,
+    CFG 1.2, shift 1 or 3."""
+    preset = presets.preset_for(name, None, "mmdit", 32)
+    assert (preset.preset_id, preset.source, preset.base_arch) == (preset_id, "filename", "sd3")
+    assert (preset.steps, preset.cfg, preset.shift) == (steps, 1.2, shift)
+    assert "not trusted" not in preset.message
+
+
+def test_mmdit_keys_still_contradict_a_unet_name():
+    preset = presets.preset_for("pcm_sdxl_smallcfg_4step_converted.safetensors", None, "mmdit", 32)
+    assert preset.source == "unknown" and "not trusted" in preset.message
+
+
 def test_structure_only_gives_the_conservative_preset_for_that_arch():
     preset = presets.preset_for("my_fast_lora.safetensors", None, "sdxl", 32)
     assert (preset.preset_id, preset.source, preset.base_arch) == ("conservative_sdxl", "structure", "sdxl")
