@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path, PureWindowsPath
 
 from ..samplers.registry import SAMPLERS
-from .architectures import PRESET_ARCHS, arch_label, same_family
+from .architectures import PRESET_ARCHS, TRAINABLE_ARCHS, arch_label, same_family
 from ..schedulers.pcm import phases_problem
 from ..schedulers.registry import SCHEDULERS
 
@@ -286,8 +286,9 @@ def preset_from_metadata(metadata):
     if mode not in rule["cfg_modes"]:
         raise ValueError(f"{META_CFG_MODE} is {mode!r}, expected one of {sorted(rule['cfg_modes'])}.")
     arch = str(metadata.get(META_BASE_ARCH, "")).strip().lower()
-    if arch not in ARCHES:
-        raise ValueError(f"{META_BASE_ARCH} is {arch!r}, expected one of {ARCHES}.")
+    known = tuple(dict.fromkeys(ARCHES + TRAINABLE_ARCHS))  # whatever the trainer writes, SD2 included
+    if arch not in known:
+        raise ValueError(f"{META_BASE_ARCH} is {arch!r}, expected one of {known}.")
     phases, ddim = _meta_phases(metadata, method)
     spec, cfg_spec = rule["methods"][method], rule["cfg_modes"][mode]
     cfg = cfg_spec["cfg"]

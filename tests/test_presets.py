@@ -177,6 +177,17 @@ def test_metadata_lcm_baseline():
     assert (preset.sampler, preset.scheduler, preset.phases) == ("lcm", "lcm", 1)
 
 
+@pytest.mark.parametrize("arch", ["sd15", "sd2", "sdxl", "sd3", "flux"])
+def test_metadata_of_every_trainable_architecture_is_read(arch):
+    """The trainer writes fewstep.base_arch for every model it trains, SD2 included (it was refused as malformed,
+    so an SD2 LoRA of this pack fell back to the conservative preset)."""
+    from fewstep.loras.architectures import TRAINABLE_ARCHS
+
+    assert arch in TRAINABLE_ARCHS
+    preset = presets.preset_for("my_lora.safetensors", _trainer_metadata(**{presets.META_BASE_ARCH: arch}), arch, 16)
+    assert (preset.source, preset.base_arch, preset.phases) == ("metadata", arch, 4)
+
+
 def test_metadata_that_is_not_ours():
     assert presets.preset_from_metadata(None) is None
     assert presets.preset_from_metadata({"ss_network_dim": "64"}) is None
