@@ -8,6 +8,7 @@ conservative settings and says so. The table is read and checked once, on first 
 """
 import functools
 import json
+import math
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path, PureWindowsPath
@@ -290,6 +291,7 @@ def preset_from_metadata(metadata):
     if arch not in known:
         raise ValueError(f"{META_BASE_ARCH} is {arch!r}, expected one of {known}.")
     phases, ddim = _meta_phases(metadata, method)
+    _meta_guidance(metadata, mode)
     spec, cfg_spec = rule["methods"][method], rule["cfg_modes"][mode]
     cfg = cfg_spec["cfg"]
     preset = Preset(
@@ -311,6 +313,25 @@ def _meta_phases(metadata, method):
     if ddim is not None and phases_problem(phases, ddim):
         raise ValueError(f"{META_PHASES}, {META_DDIM_TIMESTEPS}: {phases_problem(phases, ddim)}")
     return phases, ddim
+
+
+def _meta_guidance(metadata, mode):
+    """The trained guidance range, when written: finite and ≥ 0, and w_min ≤ w_max where it was used (small CFG;
+    the trainer checks the order only there). Else the metadata is nonsense."""
+    values = []
+    for key in (META_W_MIN, META_W_MAX):
+        raw = metadata.get(key)
+        if raw is None or str(raw).strip() == "":
+            return
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ValueError(f"{key} is {raw!r}, not a number.") from None
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"{key} is {raw!r}, not a finite guidance w ≥ 0.")
+        values.append(value)
+    if mode == "small" and values[0] > values[1]:
+        raise ValueError(f"{META_W_MIN} ({values[0]:g}) is above {META_W_MAX} ({values[1]:g}).")
 
 
 def _meta_int(metadata, key, required):

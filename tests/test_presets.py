@@ -188,6 +188,13 @@ def test_metadata_of_every_trainable_architecture_is_read(arch):
     assert (preset.source, preset.base_arch, preset.phases) == ("metadata", arch, 4)
 
 
+@pytest.mark.parametrize("w_min,w_max", [("nan", "5"), ("4", "inf"), ("-1", "5"), ("9", "2"), ("four", "5")])
+def test_nonsense_guidance_in_metadata_is_ignored_and_said(w_min, w_max):
+    meta = _trainer_metadata(**{presets.META_W_MIN: w_min, presets.META_W_MAX: w_max})
+    preset = presets.preset_for("my_lora.safetensors", meta, "sd15", 16)
+    assert preset.source == "structure" and "trainer metadata ignored (fewstep.w_" in preset.message, preset.message
+
+
 def test_metadata_that_is_not_ours():
     assert presets.preset_from_metadata(None) is None
     assert presets.preset_from_metadata({"ss_network_dim": "64"}) is None
