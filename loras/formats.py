@@ -143,6 +143,9 @@ def read_lora_file(path: str):
     metadata = dict(header.get("__metadata__") or {})
     if len(header) - ("__metadata__" in header) == 0:
         raise LoraFileError(f"{os.path.basename(path)} holds no tensors; it is not a LoRA.")
+    problem = not_a_lora_problem(header, os.path.basename(path))
+    if problem:
+        raise LoraFileError(problem)
     tensors = load_file(path, device="cpu")
     bad = [k for k, t in tensors.items() if t.is_floating_point() and not _all_finite(t)]
     if bad:
@@ -167,6 +170,24 @@ def _all_finite(t: torch.Tensor) -> bool:
 
 
 # ---------------------------------------------------------------- parsing
+
+# Marks of adapter files the pack does not apply (LyCORIS LoHa/LoKr, ...): such a file is not a full model.
+_ADAPTER_MARKS = ("lora", "hada_", "lokr_", "lycoris", ".alpha", "dora_scale")
+
+
+def not_a_lora_problem(keys, name):
+    """The message for a file of plain model weights (a full UNet or checkpoint put in models/loras), else None.
+
+    Such a file has tensors but not one LoRA up/down pair and nothing of another adapter format; loaded as a LoRA
+    it would patch nothing."""
+    keys = [k for k in keys if k != "__metadata__"]
+    if not keys or any(_split_pair_key(k) is not None or any(m in k.lower() for m in _ADAPTER_MARKS) for k in keys):
+        return None
+    return (f"{name} is not a LoRA: none of its {len(keys)} tensors is a LoRA layer; it holds a model's own weights "
+            f"(first: {sorted(keys)[0]}). Move it to models/diffusion_models (or models/checkpoints if it is a whole "
+            "checkpoint) and load it with the Hyper-SDXL 1-Step UNet Loader for the Hyper-SDXL 1-step UNet, or with "
+            "core's Load Diffusion Model / Load Checkpoint.")
+
 
 def _split_pair_key(key: str):
     for up_suffix, down_suffix in PAIR_SUFFIXES:

@@ -16,7 +16,8 @@ from comfy_api.latest import io
 from ..host.lora_patches import apply_lora, model_arch
 from ..loras import presets as preset_table
 from ..loras.architectures import SD3, SD15, SDXL, arch_label
-from ..loras.formats import LoraFileError, check_lora_path, parse_lora, read_lora_file, read_safetensors_header
+from ..loras.formats import (LoraFileError, check_lora_path, not_a_lora_problem, parse_lora, read_lora_file,
+                             read_safetensors_header)
 from ..samplers.registry import SAMPLERS
 from ..schedulers import apply_denoise, hyper_sd_1step_sigmas, lcm_sigmas, pcm_sigmas, phases_problem
 
@@ -58,15 +59,17 @@ def _load_lora_file(path: str):
     return tensors, metadata
 
 
-def _cheap_file_check(folder, name):
-    """validate_inputs: problems visible without reading tensor data, as a message, else True."""
+def _cheap_file_check(folder, name, lora=False):
+    """validate_inputs: problems visible without reading tensor data, as a message, else True. lora: the file must
+    also hold a LoRA (not a full model's weights)."""
     try:
         path = _resolve_model_file(folder, name)
         check_lora_path(path)
-        read_safetensors_header(path)
+        header = read_safetensors_header(path)
     except (LoraFileError, OSError) as e:
         return str(e)
-    return True
+    problem = not_a_lora_problem(header, os.path.basename(name)) if lora else None
+    return problem or True
 
 
 class FewStepLoraLoader(io.ComfyNode):
@@ -110,7 +113,7 @@ class FewStepLoraLoader(io.ComfyNode):
             if isinstance(value, (int, float)) and not -10.0 <= value <= 10.0:
                 problems.append(f"{name} = {value} is outside its range -10..10.")
         if isinstance(lora_name, str):
-            check = _cheap_file_check("loras", lora_name)
+            check = _cheap_file_check("loras", lora_name, lora=True)
             if check is not True:
                 problems.append(check)
         return True if not problems else " ".join(problems)

@@ -211,3 +211,18 @@ def test_peft_patterns_match_on_dotted_suffixes_like_peft():
     scales = {m.name: m.scale for m in parse_lora(sd, {"lora_adapter_metadata": json.dumps(config)}).modules}
     assert scales == {"transformer.proj_out": 2.0, "transformer.single_transformer_blocks.0.proj_out": 2.0,
                       "transformer.x_proj_out": 1.0}
+
+
+def test_a_full_model_file_is_not_a_lora():
+    """A UNet or checkpoint put in models/loras (e.g. Hyper-SDXL-1step-Unet.safetensors) has no LoRA pair: it gets a
+    message naming the right loaders; LoRA and other adapter files do not."""
+    from fewstep.loras.formats import not_a_lora_problem
+
+    unet = ["input_blocks.0.0.weight", "input_blocks.0.0.bias", "out.2.weight"]
+    message = not_a_lora_problem(unet, "Hyper-SDXL-1step-Unet.safetensors")
+    assert "is not a LoRA" in message and "Hyper-SDXL 1-Step UNet Loader" in message and "diffusion_models" in message
+    checkpoint = ["model.diffusion_model.input_blocks.0.0.weight", "first_stage_model.encoder.conv_in.weight"]
+    assert "Load Checkpoint" in not_a_lora_problem(checkpoint, "x.safetensors")
+    assert not_a_lora_problem(["lora_unet_a.lora_down.weight", "lora_unet_a.lora_up.weight"], "x") is None
+    assert not_a_lora_problem(["lora_unet_a.hada_w1_a", "lora_unet_a.hada_w1_b"], "x") is None  # LoHa: another path
+    assert not_a_lora_problem(["__metadata__"], "x") is None  # no tensors: refused elsewhere

@@ -140,6 +140,17 @@ def test_bad_files_fail_validation_with_the_reason(name, message, lora_dir, comf
     assert verdict is not True and message in verdict
 
 
+def test_a_full_unet_in_loras_is_refused_with_the_loader_to_use(lora_dir, comfy_host, run_node, tiny_models):
+    """It used to pass validation, patch nothing, report every key missed and return the model unchanged."""
+    unet = {"input_blocks.0.0.weight": torch.zeros(4, 4, 3, 3), "input_blocks.0.0.bias": torch.zeros(4)}
+    write_lora(lora_dir / "Hyper-SDXL-1step-Unet.safetensors", unet, {})
+    refresh(comfy_host)
+    verdict = validate(comfy_host, lora_name="Hyper-SDXL-1step-Unet.safetensors", strength_model=1.0, strength_clip=1.0)
+    assert verdict is not True and "is not a LoRA" in verdict and "Hyper-SDXL 1-Step UNet Loader" in verdict
+    with pytest.raises(ValueError, match="is not a LoRA"):  # at run time too (a file swapped in after validation)
+        load(run_node, tiny_models, "Hyper-SDXL-1step-Unet.safetensors")
+
+
 def test_nan_weights_and_absurd_rank_fail_at_execution(lora_dir, comfy_host, run_node, tiny_models):
     n = "lora_unet_down_blocks_0_attentions_0_proj_in"
     nan = {n + ".lora_down.weight": torch.full((4, 320), float("nan")), n + ".lora_up.weight": torch.ones(320, 4)}
