@@ -283,14 +283,15 @@ def child(opts):
     memory = CudaMemory(torch) if cuda else CpuMemory()
     with torch.inference_mode(False):
         teacher = training_model.TrainingModel(model)
-        sigmas, kind = teacher.sigmas()
+        model_sampling = teacher.model_sampling()
+        sigmas = model_sampling.sigmas.detach().to("cpu", torch.float32)
         denoise = teacher.denoiser()
         base = model.model
         lora = LoraSet(base.diffusion_model, teacher.lora_target_names(), RANK, ALPHA, seed=0)
         blocks = teacher.checkpoint_blocks()
         try:
             for batch in opts.batches:
-                out = measure(opts, batch, device, model, data, sigmas, kind, denoise, lora, blocks, memory)
+                out = measure(opts, batch, device, model_sampling, data, sigmas, denoise, lora, blocks, memory)
                 # what the host's per-call guard costs when nothing is left to replace (every grad-enabled call)
                 start = time.perf_counter()
                 for _ in range(20):
@@ -304,7 +305,7 @@ def child(opts):
             lora.remove()
 
 
-def measure(opts, b, device, model, data, sigmas, kind, denoise, lora, blocks, memory):
+def measure(opts, b, device, model_sampling, data, sigmas, denoise, lora, blocks, memory):
     import torch
 
     from fewstep.distill.engine import PRECISIONS, DistillConfig, Distiller, GradientCheckpointing, deterministic_algorithms
@@ -339,7 +340,7 @@ def measure(opts, b, device, model, data, sigmas, kind, denoise, lora, blocks, m
     for cfg, ck in configs:  # the node's settings; all train the same LoRA, each with its own AdamW
         config = DistillConfig(phases=4, ddim_timesteps=50, steps=10 ** 6, batch_size=b, cfg_mode=cfg,
                                precision=opts.precision, seed=0, deterministic=True)
-        distillers[(cfg, ck)] = d = Distiller(config, denoise, lora, data, model.get_model_object("model_sampling"),
+        distillers[(cfg, ck)] = d = Distiller(config, denoise, lora, data, model_sampling,
                                               device=device)
         probes[(cfg, ck)] = Probe(d, lora, sync)
 

@@ -11,7 +11,7 @@ How to use it from a node (PromptExecutor runs nodes under torch.inference_mode)
     with torch.inference_mode(False):
         comfy.model_management.load_models_gpu([model], force_full_load=True)
         denoise = teacher.denoiser()                # frees the weights from inference mode, freezes them
-        sigmas, kind = teacher.sigmas()
+        model_sampling = teacher.model_sampling()  # the forward process and σ table for Distiller
         cond = teacher.conditioning_batch(encode_prompts(clip, prompts), latent.shape, model.load_device)
         lora = LoraSet(model.model.diffusion_model, teacher.lora_target_names(), rank, alpha)
         ... denoise(x, sigma, cond) ...
@@ -176,23 +176,20 @@ class TrainingModel:
         """One of architectures.MODEL_ARCHS, or another model config's name (lora_patches.model_arch)."""
         return model_arch(self.patcher)
 
-    def sigmas(self):
-        """(float32 CPU table of the model's training σ's, ascending; 'vp' | 'flow').
-
-        Reads the model_sampling object patch when there is one, so ModelSamplingSD3/Flux/Discrete nodes upstream
-        (shift, zsnr) are respected."""
-        model_sampling = self.patcher.get_model_object("model_sampling")
-        kind = sampling_kind(model_sampling)
-        with torch.inference_mode(False):  # a normal tensor: the engine may use it in autograd-tracked maths
-            table = model_sampling.sigmas.detach().to("cpu", torch.float32).clone()
-        return table, kind
-
     def model_sampling(self):
-        """The model_sampling object (its patch when there is one, see `sigmas`) whose forward process the engine
-        trains on; ValueError for the sampling types it cannot train."""
+        """The model_sampling object whose forward process the engine trains on; ValueError for the sampling types
+        it cannot train. Reads the model_sampling object patch when there is one, so ModelSamplingSD3/Flux/Discrete
+        nodes upstream (shift, zsnr) are respected."""
         model_sampling = self.patcher.get_model_object("model_sampling")
         sampling_kind(model_sampling)
         return model_sampling
+
+    def sigmas(self):
+        """(float32 CPU table of the model's training σ's, ascending; 'vp' | 'flow'), of `model_sampling()`."""
+        model_sampling = self.model_sampling()
+        with torch.inference_mode(False):  # a normal tensor: the engine may use it in autograd-tracked maths
+            table = model_sampling.sigmas.detach().to("cpu", torch.float32).clone()
+        return table, sampling_kind(model_sampling)
 
     def _require_loaded(self):
         base = self.patcher.model

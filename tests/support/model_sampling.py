@@ -16,7 +16,19 @@ def scaled_linear_alphas_cumprod(num_train_timesteps=1000, beta_start=0.00085, b
     return torch.cumprod(1.0 - betas, dim=0)
 
 
-class DiscreteVPSampling:
+class _SigmaTable:
+    """sigma_min / sigma_max of an ascending `sigmas` table, as ComfyUI's model samplings expose them."""
+
+    @property
+    def sigma_min(self):
+        return self.sigmas[0]
+
+    @property
+    def sigma_max(self):
+        return self.sigmas[-1]
+
+
+class DiscreteVPSampling(_SigmaTable):
     """ε-prediction model on a discrete VP schedule, seen in σ-space."""
 
     def __init__(self, alphas_cumprod=None, dtype=torch.float64):
@@ -27,14 +39,6 @@ class DiscreteVPSampling:
         self.log_sigmas = self.sigmas.log()
         self.num_timesteps = len(self.sigmas)
         self.sigma_data = 1.0
-
-    @property
-    def sigma_min(self):
-        return self.sigmas[0]
-
-    @property
-    def sigma_max(self):
-        return self.sigmas[-1]
 
     def timestep(self, sigma):
         """The nearest training timestep (an integer, as a float tensor like ComfyUI's)."""
@@ -59,7 +63,7 @@ class DiscreteVPSampling:
         return x - sigma * eps
 
 
-class FlowSampling:
+class FlowSampling(_SigmaTable):
     """Rectified-flow model (SD3/FLUX style): timestep = 1000·σ, σ table = shift(t/1000) for t = 1..1000."""
 
     def __init__(self, shift=3.0, num_train_timesteps=1000, dtype=torch.float64):
@@ -70,14 +74,6 @@ class FlowSampling:
 
     def shifted(self, t):
         return self.shift * t / (1 + (self.shift - 1) * t)
-
-    @property
-    def sigma_min(self):
-        return self.sigmas[0]
-
-    @property
-    def sigma_max(self):
-        return self.sigmas[-1]
 
     def timestep(self, sigma):
         return sigma * self.multiplier
