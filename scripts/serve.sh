@@ -9,10 +9,20 @@ COMFY="${COMFYUI_PATH:-$ROOT/.comfyui}"
 BASE="$ROOT/.serve"
 mkdir -p "$BASE/custom_nodes" "$BASE/models/checkpoints" "$BASE/models/loras" "$BASE/input" "$BASE/output" "$BASE/user"
 ln -sfn "$ROOT" "$BASE/custom_nodes/fewstep"
-if [ ! -e "$BASE/models/checkpoints/fewstep_tiny_sd15.safetensors" ]; then
-    echo "serve: writing the tiny test checkpoint to .serve/models/checkpoints (random weights, for trying the nodes)"
-    "$ROOT/.venv/bin/python" tests/support/tiny_checkpoint.py "$BASE/models/checkpoints/fewstep_tiny_sd15.safetensors"
-fi
+echo "serve: the embedded digits model (models/checkpoints), its PCM LoRA (models/loras), its training image (input)"
+"$ROOT/.venv/bin/python" - "$BASE" <<'PY'
+import pathlib, sys
+sys.path.insert(0, "tests")
+from support import digits_model
+base = pathlib.Path(sys.argv[1])
+links = {base / "models/checkpoints" / digits_model.CHECKPOINT_NAME: digits_model.cached_digits_sd15(),
+         base / "models/loras" / digits_model.PCM_LORA_PATH.name: digits_model.PCM_LORA_PATH,
+         base / "input" / digits_model.TRAINING_IMAGES:
+             digits_model.write_training_images(pathlib.Path(".cache") / digits_model.TRAINING_IMAGES)}
+for link, target in links.items():
+    if not link.exists():
+        link.symlink_to(pathlib.Path(target).resolve())
+PY
 echo "serve: ComfyUI on http://127.0.0.1:$PORT (base directory $BASE)"
 cd "$COMFY"
 exec "$ROOT/.venv/bin/python" main.py --cpu --listen 127.0.0.1 --port "$PORT" --disable-auto-launch \

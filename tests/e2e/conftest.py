@@ -1,4 +1,8 @@
-"""One real ComfyUI server (subprocess, loopback, this pack + the tiny SD1.5 checkpoint) per test session.
+"""One real ComfyUI server (subprocess, loopback, this pack) per test session.
+
+It holds the tiny random SD1.5 checkpoint with LoRAs named like published files (plumbing tests), and the
+embedded digits model with its shipped PCM LoRA and the training workflow's digits image (what the shipped
+workflows load).
 
 When a test fails, the last lines of the server log are attached to its report, and the server's
 temporary base directory (log, output images) is kept for a look instead of being deleted.
@@ -15,6 +19,7 @@ if str(TESTS_DIR) not in sys.path:
 from support.server import ComfyServer  # noqa: E402
 from support.lora_files import cached_demo_loras  # noqa: E402
 from support.tiny_checkpoint import cached_tiny_sd15  # noqa: E402
+from support import digits_model  # noqa: E402
 
 _servers = []
 _failures = []
@@ -26,8 +31,15 @@ def checkpoint():
 
 
 @pytest.fixture(scope="session")
-def server(checkpoint):
-    instance = ComfyServer(checkpoints=[checkpoint], loras=cached_demo_loras(checkpoint))
+def digits_checkpoint():
+    return digits_model.cached_digits_sd15()
+
+
+@pytest.fixture(scope="session")
+def server(checkpoint, digits_checkpoint):
+    training_images = digits_model.write_training_images(TESTS_DIR.parent / ".cache" / digits_model.TRAINING_IMAGES)
+    instance = ComfyServer(checkpoints=[checkpoint, digits_checkpoint], inputs=[training_images],
+                           loras=cached_demo_loras(checkpoint) + [digits_model.PCM_LORA_PATH])
     _servers.append(instance)
     instance.start()
     try:

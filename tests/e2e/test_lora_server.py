@@ -13,7 +13,8 @@ from safetensors.torch import save_file
 
 from support.server import execution_error, history_status
 from support.ui_format import renumbered, ui_to_api
-from tests.e2e.test_server import assert_good_prompt_runs, load_workflow, only_node, with_unique_prefix
+from tests.e2e.test_server import (PUBLISHED_NAME_LORAS, assert_good_prompt_runs, load_workflow, on_tiny_checkpoint,
+                                   only_node, with_unique_prefix)
 
 REPO = Path(__file__).resolve().parents[2]
 LORA_WORKFLOWS = ["pcm_lora_fast_sampler", "hyper_sd_lora_ksampler"]
@@ -33,8 +34,9 @@ def test_ui_workflow_is_the_api_workflow(name, object_info):
 
 @pytest.mark.parametrize("name", LORA_WORKFLOWS)
 def test_lora_workflow_summary_and_preset(name, server):
-    """The loader summary (shown by core PreviewAny) reports zero missed keys and the recognised family."""
-    graph = with_unique_prefix(load_workflow(name))
+    """The loader summary (shown by core PreviewAny) reports zero missed keys and the recognised family, for a
+    LoRA under the published file name (a random stand-in on the tiny checkpoint)."""
+    graph = on_tiny_checkpoint(with_unique_prefix(load_workflow(name)), PUBLISHED_NAME_LORAS[name])
     loader = only_node(graph, "FewStepLoraLoader")
     graph["95"] = {"class_type": "PreviewAny", "inputs": {"source": [loader, 3]}}
     submitted = server.post_prompt(graph)
@@ -69,8 +71,7 @@ def _bad_files(folder):
 
 
 def _graph_with(lora_name):
-    graph = with_unique_prefix(load_workflow("pcm_lora_fast_sampler"))
-    graph[only_node(graph, "FewStepLoraLoader")]["inputs"]["lora_name"] = lora_name
+    graph = on_tiny_checkpoint(with_unique_prefix(load_workflow("pcm_lora_fast_sampler")), lora_name)
     return graph
 
 

@@ -1,7 +1,9 @@
 """The PCM Distillation node over HTTP: the shipped training workflow, Cancel + resume, and bad inputs.
 
-Training runs on the tiny SD1.5 checkpoint (64×64 images, 8×8 latents), a few steps per prompt. Each test
-trains under its own output_name so no result can come from the cache or from another test's file.
+The shipped workflow trains the embedded digits model on its 100-digit image (tests/e2e/test_digits_quality.py
+checks what that LoRA draws); these plumbing tests run the same graph on the tiny random SD1.5 checkpoint with
+short settings (PLUMBING), a few steps per prompt. Each test trains under its own output_name so no result can
+come from the cache or from another test's file.
 """
 import json
 import time
@@ -16,13 +18,16 @@ from safetensors.torch import load_file
 
 from support.server import execution_error, history_status
 from support.ui_format import renumbered, ui_to_api
-from tests.e2e.test_server import assert_good_prompt_runs, load_workflow, only_node, with_unique_prefix
+from tests.e2e.test_server import (assert_good_prompt_runs, load_workflow, on_tiny_checkpoint, only_node,
+                                   with_unique_prefix)
 
 REPO = Path(__file__).resolve().parents[2]
 WORKFLOW = "pcm_distill_train"
 NODE = "FewStepPCMDistill"
 # seconds per training prompt: ~7 s on a quiet 2-core CPU, but CPU training slows >10x beside another busy process
 TIMEOUT = 300
+PLUMBING = {"steps": 20, "batch_size": 2, "ddim_timesteps": 10, "rank": 4, "alpha": 4.0, "learning_rate": 1e-4,
+            "w_min": 4.0, "w_max": 5.0, "gradient_checkpointing": True, "warmup_steps": 0}
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +36,8 @@ def object_info(server):
 
 
 def training_graph(name, **changes):
-    graph = with_unique_prefix(load_workflow(WORKFLOW))
-    graph[only_node(graph, NODE)]["inputs"].update(output_name=name, **changes)
+    graph = on_tiny_checkpoint(with_unique_prefix(load_workflow(WORKFLOW)))
+    graph[only_node(graph, NODE)]["inputs"].update(PLUMBING, output_name=name, **changes)
     return graph
 
 
@@ -191,13 +196,13 @@ def test_bad_settings_are_validation_errors(server, changes, words):
 
 def test_batch_larger_than_the_data_is_an_execution_error(server):
     name = unique("e2e_batch")
-    submitted = server.post_prompt(training_graph(name, batch_size=3))
+    submitted = server.post_prompt(training_graph(name, batch_size=101))
     assert submitted.ok, submitted.messages()
     entry = server.wait(submitted.prompt_id, timeout=TIMEOUT)
     assert history_status(entry) == "error"
     error = execution_error(entry)
     assert error["node_type"] == NODE, error
-    assert "batch_size (3)" in error["exception_message"] and "2 latents" in error["exception_message"], error
+    assert "batch_size (101)" in error["exception_message"] and "100 latents" in error["exception_message"], error
     assert not server.output_files(entry)
     assert not lora_path(server, name).exists()
     assert_good_prompt_runs(server)

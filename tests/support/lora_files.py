@@ -258,15 +258,16 @@ DEMO_LORAS = {  # official release names, so that the loader recognises them as 
 DEMO_STAMP_KEY = "fewstep.test_lora"
 
 
-def write_demo_lora(path, checkpoint, seed, rank=8):
+def write_demo_lora(path, checkpoint, seed, rank=8, zero=False):
     """A kohya-format LoRA (LDM names, .alpha) for every UNet and text-encoder matrix of an SD1.5-layout
-    checkpoint, read from the checkpoint's own shapes (no ComfyUI needed); written atomically, reused."""
+    checkpoint, read from the checkpoint's own shapes (no ComfyUI needed); written atomically, reused.
+    zero=True: every up matrix is zero, so the LoRA changes nothing (a stand-in that keeps a file name's preset)."""
     import pathlib
 
     from safetensors import safe_open
 
     path = pathlib.Path(path)
-    stamp = f"v1-seed{seed}-rank{rank}-{pathlib.Path(checkpoint).name}"
+    stamp = f"v1-seed{seed}-rank{rank}-{'zero-' if zero else ''}{pathlib.Path(checkpoint).name}"
     if path.is_file():
         with safe_open(str(path), framework="pt") as f:
             if (f.metadata() or {}).get(DEMO_STAMP_KEY) == stamp:
@@ -287,12 +288,19 @@ def write_demo_lora(path, checkpoint, seed, rank=8):
                 continue
             down = torch.randn((rank,) + tuple(shape[1:]), generator=gen) * (0.3 / (shape[1] ** 0.5))
             up = torch.randn((shape[0], rank) + (1,) * (len(shape) - 2), generator=gen) * 0.3 / rank ** 0.5
+            if zero:
+                up.zero_()
             tensors[name + ".lora_down.weight"] = down.to(torch.float16)
             tensors[name + ".lora_up.weight"] = up.to(torch.float16)
             tensors[name + ".alpha"] = torch.tensor(float(rank))
     from support.tiny_checkpoint import save_atomic
 
     return save_atomic(tensors, path, {DEMO_STAMP_KEY: stamp, "format": "pt"})
+
+
+def write_zero_lora(path, checkpoint, seed=0):
+    """A LoRA for every layer of `checkpoint` that changes nothing (see write_demo_lora's zero)."""
+    return write_demo_lora(path, checkpoint, seed, zero=True)
 
 
 def cached_demo_loras(checkpoint):

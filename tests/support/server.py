@@ -95,9 +95,10 @@ def execution_error(entry: dict) -> dict | None:
 
 class ComfyServer:
     def __init__(self, checkpoints=(), base_dir=None, port=None, python=None, comfyui=None,
-                 startup_timeout=120.0, extra_args=(), loras=()):
+                 startup_timeout=120.0, extra_args=(), loras=(), inputs=()):
         self.checkpoints = [Path(c) for c in checkpoints]
         self.loras = [Path(p) for p in loras]
+        self.inputs = [Path(p) for p in inputs]  # files linked into input/ (LoadImage's folder)
         self.comfyui = Path(comfyui) if comfyui else comfyui_path()
         self.python = python or sys.executable
         self.port = port
@@ -133,10 +134,11 @@ class ComfyServer:
             link = self.base_dir / "models" / "checkpoints" / ckpt.name
             if not link.exists():
                 link.symlink_to(ckpt.resolve())
-        for lora in self.loras:
-            link = self.base_dir / "models" / "loras" / lora.name
-            if not link.exists():
-                link.symlink_to(lora.resolve())
+        for folder, files in (("models/loras", self.loras), ("input", self.inputs)):
+            for file in files:
+                link = self.base_dir / folder / file.name
+                if not link.exists():
+                    link.symlink_to(file.resolve())
 
     def start(self) -> "ComfyServer":
         if self.process is not None:
