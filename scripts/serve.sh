@@ -11,7 +11,7 @@ mkdir -p "$BASE/custom_nodes" "$BASE/models/checkpoints" "$BASE/models/loras" "$
 ln -sfn "$ROOT" "$BASE/custom_nodes/fewstep"
 echo "serve: the embedded digits model (models/checkpoints), its PCM LoRA (models/loras), its training image (input)"
 "$ROOT/.venv/bin/python" - "$BASE" <<'PY'
-import pathlib, sys
+import pathlib, shutil, sys
 sys.path.insert(0, "tests")
 from support import digits_model
 base = pathlib.Path(sys.argv[1])
@@ -20,7 +20,11 @@ links = {base / "models/checkpoints" / digits_model.CHECKPOINT_NAME: digits_mode
          base / "input" / digits_model.TRAINING_IMAGES:
              digits_model.write_training_images(pathlib.Path(".cache") / digits_model.TRAINING_IMAGES)}
 for link, target in links.items():
-    if not link.exists():
+    if link.exists() or link.is_symlink():
+        continue
+    if link.parent.name == "loras":  # a copy: the training node refuses to write through a link
+        shutil.copyfile(target, link)
+    else:
         link.symlink_to(pathlib.Path(target).resolve())
 PY
 echo "serve: ComfyUI on http://127.0.0.1:$PORT (base directory $BASE)"

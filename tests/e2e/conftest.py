@@ -39,7 +39,7 @@ def digits_checkpoint():
 def server(checkpoint, digits_checkpoint):
     training_images = digits_model.write_training_images(TESTS_DIR.parent / ".cache" / digits_model.TRAINING_IMAGES)
     instance = ComfyServer(checkpoints=[checkpoint, digits_checkpoint], inputs=[training_images],
-                           loras=cached_demo_loras(checkpoint) + [digits_model.PCM_LORA_PATH])
+                           loras=cached_demo_loras(checkpoint), lora_copies=[digits_model.PCM_LORA_PATH])
     _servers.append(instance)
     instance.start()
     try:

@@ -95,10 +95,12 @@ def execution_error(entry: dict) -> dict | None:
 
 class ComfyServer:
     def __init__(self, checkpoints=(), base_dir=None, port=None, python=None, comfyui=None,
-                 startup_timeout=120.0, extra_args=(), loras=(), inputs=()):
+                 startup_timeout=120.0, extra_args=(), loras=(), inputs=(), lora_copies=()):
         self.checkpoints = [Path(c) for c in checkpoints]
         self.loras = [Path(p) for p in loras]
         self.inputs = [Path(p) for p in inputs]  # files linked into input/ (LoadImage's folder)
+        # copied, not linked: a LoRA the training node may write under the same name (it refuses to follow a link)
+        self.lora_copies = [Path(p) for p in lora_copies]
         self.comfyui = Path(comfyui) if comfyui else comfyui_path()
         self.python = python or sys.executable
         self.port = port
@@ -139,6 +141,8 @@ class ComfyServer:
                 link = self.base_dir / folder / file.name
                 if not link.exists():
                     link.symlink_to(file.resolve())
+        for file in self.lora_copies:
+            shutil.copyfile(file, self.base_dir / "models" / "loras" / file.name)
 
     def start(self) -> "ComfyServer":
         if self.process is not None:
