@@ -65,7 +65,7 @@ def training_key(checkpoint, graph):
 
 
 def distilled_lora(server, checkpoint):
-    """Run the training workflow (or reuse its cached LoRA); returns (LoRA file name, seconds, cached?)."""
+    """Run the training workflow (or reuse its cached LoRA); returns (LoRA file name, seconds, cached?, status, note)."""
     graph = json.loads((WORKFLOWS_DIR / f"{TRAINING_WORKFLOW}.json").read_text())
     node = next(n for n in graph.values() if n["class_type"] == "FewStepPCMDistill")
     name = node["inputs"]["output_name"] + ".safetensors"

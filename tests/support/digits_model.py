@@ -41,10 +41,11 @@ import sys
 import time
 
 if __package__:
-    from .tiny_checkpoint import _REPO_ROOT, _import_comfy, cached_tiny_sd15, save_atomic
+    from .tiny_checkpoint import UNET_CONFIG as TINY_UNET_CONFIG, _REPO_ROOT, _import_comfy, cached_tiny_sd15, save_atomic
 else:  # run as a script
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-    from support.tiny_checkpoint import _REPO_ROOT, _import_comfy, cached_tiny_sd15, save_atomic
+    from support.tiny_checkpoint import (UNET_CONFIG as TINY_UNET_CONFIG, _REPO_ROOT, _import_comfy, cached_tiny_sd15,
+                                         save_atomic)
 
 ASSETS = _REPO_ROOT / "assets" / "digits"
 DATA_PATH = ASSETS / "digits.npz"
@@ -61,25 +62,9 @@ TAESD_SD1_SCALE = 0.18215  # SD1.5's latent scale: decoder input = raw latent ×
 N_TRAIN = 1500
 SPLIT_SEED = 0
 
-UNET_CONFIG = {
-    "image_size": 8,
-    "in_channels": 4,
-    "out_channels": 4,
-    "model_channels": 320,
-    "num_res_blocks": [1, 1],
-    "channel_mult": [1, 1],
-    "transformer_depth": [1, 1],
-    "transformer_depth_output": [1, 1, 1, 1],
-    "transformer_depth_middle": -2,  # no middle block
-    "context_dim": 768,
-    "num_heads": 8,
-    "num_head_channels": -1,
-    "use_spatial_transformer": True,
-    "use_linear_in_transformer": False,
-    "legacy": False,
-    "adm_in_channels": None,
-    "use_checkpoint": False,
-}
+# The tiny test checkpoint's SD1.5 UNet, with two levels and no middle block.
+UNET_CONFIG = {**TINY_UNET_CONFIG, "image_size": 8, "num_res_blocks": [1, 1], "channel_mult": [1, 1],
+               "transformer_depth": [1, 1], "transformer_depth_output": [1, 1, 1, 1], "transformer_depth_middle": -2}
 RANK = 32
 DENSE_LAYERS = ("input_blocks.0.0", "out.2")  # the 4-channel ends: small, kept dense
 # Layers that feed a residual add: their up factor starts at zero, so every block starts as the identity.
@@ -422,8 +407,6 @@ def prompt_contexts():
 
 def eps_model(unet, contexts):
     """(x, σ, context rows) → ε̂, with SD1.5's EPS input scaling and ComfyUI's σ → timestep rule."""
-    import torch
-
     sigmas = discrete_sigmas()
     log_sigmas = sigmas.log()
 
@@ -433,7 +416,6 @@ def eps_model(unet, contexts):
         x_in = x / (sigma ** 2 + 1).sqrt().reshape(-1, 1, 1, 1)
         return unet(x_in, timesteps=t, context=contexts[rows])
 
-    del torch
     return predict
 
 

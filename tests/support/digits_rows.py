@@ -12,9 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 if __package__:
-    from .digits_model import PROMPT, DigitClassifier, digits_split, frechet_distance, images_to_ink
+    from .digits_model import PROMPT, DigitClassifier, digits_split, frechet_distance, images_to_ink, ink_to_pixels
 else:  # pragma: no cover
-    from support.digits_model import PROMPT, DigitClassifier, digits_split, frechet_distance, images_to_ink
+    from support.digits_model import (PROMPT, DigitClassifier, digits_split, frechet_distance, images_to_ink,
+                                      ink_to_pixels)
 
 TEACHER_CFG = 3.0  # the digits model's CFG (measured best at 25 steps, see README)
 
@@ -114,7 +115,7 @@ class Scorer:
         gen = torch.Generator().manual_seed(seed)
         picks = torch.cat([torch.nonzero(labels == d).flatten()[torch.randperm(int((labels == d).sum()), generator=gen)[:per_digit]]
                            for d in range(10)])
-        images = ((1.0 - ink[picks]) / 2.0).repeat_interleave(8, 1).repeat_interleave(8, 2).unsqueeze(-1).expand(-1, -1, -1, 3)
+        images = ink_to_pixels(ink[picks]).unsqueeze(-1).expand(-1, -1, -1, 3)
         return self.score(images, per_digit)
 
 
