@@ -17,8 +17,8 @@ def __getattr__(name):
 
 
 async def comfy_entrypoint():
-    from .nodes import FewStepExtension
     from .host.registration import register_all
+    from .nodes import NODES, FewStepExtension
 
-    register_all()
+    register_all(NODES)
     return FewStepExtension()

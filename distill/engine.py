@@ -34,6 +34,7 @@ from .phased_loss import pcm_samples, phased_distance, sample_phased_targets
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 CFG_MODES = ("small", "normal")
+MAX_GUIDANCE_W = 30.0  # teacher guidance w of the CFG-augmented mode: ComfyUI CFG 1 + w up to 31
 MAX_FP16_SKIPS = 20  # consecutive overflowing fp16 steps before the run is called diverged
 
 
@@ -67,6 +68,15 @@ class DistillConfig:
 
     def check(self, num_samples=None, world_size=1, adversarial=None):
         """Raise a ValueError naming the bad setting and the fix; `adversarial`: whether a term was given."""
+        for item in fields(self):
+            value = getattr(self, item.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{item.name} must be a finite number, got {value}.")
+        if not 0.0 <= self.huber_c <= 1.0:
+            raise ValueError(f"huber_c must be in [0, 1] (0 = L1 distance), got {self.huber_c}.")
+        if self.cfg_mode == "small" and self.w_max > MAX_GUIDANCE_W:
+            raise ValueError(f"w_max must be at most {MAX_GUIDANCE_W:g} (ComfyUI CFG {1 + MAX_GUIDANCE_W:g}), got "
+                             f"{self.w_max}.")
         if self.ddim_timesteps < 1 or self.ddim_timesteps > 1000:
             raise ValueError(f"ddim_timesteps (K) must be in 1..1000, got {self.ddim_timesteps}.")
         check_phases(self.phases, self.ddim_timesteps)

@@ -67,6 +67,8 @@ class LoraSet(nn.Module):
         super().__init__()
         if rank < 1:
             raise ValueError(f"LoRA rank must be at least 1, got {rank}.")
+        if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha > 0):
+            raise ValueError(f"LoRA alpha must be a positive number (the scale is alpha/rank), got {alpha}.")
         if not names:
             raise ValueError("No layers to train: the LoRA target list is empty.")
         modules = dict(root.named_modules())

@@ -2,7 +2,8 @@
 
 Adds the pack's samplers and schedulers to the lists behind KSampler, KSamplerAdvanced,
 KSamplerSelect and BasicScheduler. Append-only (the host's lists are shared objects: never rebind),
-idempotent, and it leaves alone a name another pack registered first, saying so in the log.
+idempotent, and it leaves alone a name another pack registered first, saying so in the log. Also hooks the
+pack's input screening (host/input_checks.py) into the server's POST /prompt, once.
 """
 import logging
 
@@ -10,6 +11,7 @@ import comfy.k_diffusion.sampling as k_sampling
 import comfy.samplers
 
 from ..samplers.registry import SAMPLERS
+from .input_checks import screen_prompt
 from ..schedulers.registry import SCHEDULERS
 
 log = logging.getLogger("fewstep")
@@ -44,6 +46,31 @@ def register_schedulers():
             comfy.samplers.SCHEDULER_NAMES.append(name)
 
 
-def register_all():
+def _prompt_server():
+    try:
+        from server import PromptServer
+    except ImportError:
+        return None
+    return getattr(PromptServer, "instance", None)
+
+
+def register_prompt_checks(node_classes):
+    """Screen the pack's nodes' widget values on every POST /prompt, before ComfyUI validates the prompt. Without a
+    server (ComfyUI used as a library) there is no /prompt; the nodes still check their values in execute()."""
+    server = _prompt_server()
+    if server is None or any(getattr(h, "fewstep_screen", False) for h in server.on_prompt_handlers):
+        return
+    by_type = {cls.define_schema().node_id: cls for cls in node_classes}
+
+    def screen(json_data):
+        screen_prompt(json_data.get("prompt") if isinstance(json_data, dict) else None, by_type)
+        return json_data
+
+    screen.fewstep_screen = True
+    server.add_on_prompt_handler(screen)
+
+
+def register_all(node_classes=()):
     register_samplers()
     register_schedulers()
+    register_prompt_checks(node_classes)

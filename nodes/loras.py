@@ -13,6 +13,7 @@ import folder_paths
 import latent_preview
 from comfy_api.latest import io
 
+from ..host.input_checks import check_values
 from ..host.lora_patches import apply_lora, model_arch
 from ..loras import presets as preset_table
 from ..loras.architectures import SD3, SD15, SDXL, arch_label
@@ -106,20 +107,16 @@ class FewStepLoraLoader(io.ComfyNode):
             ],
         )
 
+    # One input only: ComfyUI repeats a validate_inputs message on every input the function takes. The numbers are
+    # checked by ComfyUI's range checks and host/input_checks.py.
     @classmethod
-    def validate_inputs(cls, lora_name=None, strength_model=None, strength_clip=None):
-        problems = []
-        for name, value in (("strength_model", strength_model), ("strength_clip", strength_clip)):
-            if isinstance(value, (int, float)) and not -10.0 <= value <= 10.0:
-                problems.append(f"{name} = {value} is outside its range -10..10.")
-        if isinstance(lora_name, str):
-            check = _cheap_file_check("loras", lora_name, lora=True)
-            if check is not True:
-                problems.append(check)
-        return True if not problems else " ".join(problems)
+    def validate_inputs(cls, lora_name=None):
+        return _cheap_file_check("loras", lora_name, lora=True) if isinstance(lora_name, str) else True
 
     @classmethod
     def execute(cls, model, lora_name, strength_model, strength_clip, use_recommended_strength, clip=None) -> io.NodeOutput:
+        check_values(cls, strength_model=strength_model, strength_clip=strength_clip,
+                     use_recommended_strength=use_recommended_strength)
         path = _resolve_model_file("loras", lora_name)
         tensors, metadata = _load_lora_file(path)
         parsed = parse_lora(tensors, metadata)
@@ -262,6 +259,7 @@ class FewStepFastSampler(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, preset, positive, negative, latent_image, seed, steps, cfg, gamma, denoise) -> io.NodeOutput:
+        check_values(cls, seed=seed, steps=steps, cfg=cfg, gamma=gamma, denoise=denoise)
         steps = steps or preset.steps
         cfg = cfg or preset.cfg
         gamma = gamma if gamma >= 0 else (preset.gamma if preset.gamma is not None else 0.0)

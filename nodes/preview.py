@@ -7,7 +7,7 @@ from comfy_api.latest import io
 from PIL import Image, ImageDraw, ImageFont
 
 from ..schedulers import pcm_phase_edges, phases_problem
-from .schedulers import _out_of_range, _verdict
+from ..host.input_checks import check_values
 
 CATEGORY = "sampling/custom_sampling/schedulers"
 
@@ -77,15 +77,14 @@ class FewStepSchedulePreview(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, phases=None, ddim_timesteps=None):
-        # Named inputs only (a **kwargs signature disables ComfyUI's range checks); these two are checked here.
-        problems = [_out_of_range("phases", phases, 0, 50), _out_of_range("ddim_timesteps", ddim_timesteps, 1, 1000)]
-        if not any(problems) and isinstance(phases, int) and isinstance(ddim_timesteps, int) and phases > 0:
-            problems.append(phases_problem(phases, ddim_timesteps))  # 0 draws no edges
-        return _verdict(problems)
+    def cross_checks(cls, values):
+        phases, k = values.get("phases", 0), values.get("ddim_timesteps", 50)
+        problem = phases_problem(int(phases), int(k)) if phases > 0 else None  # 0 draws no edges
+        return {"phases": problem} if problem else {}
 
     @classmethod
     def execute(cls, sigmas, model=None, phases=0, ddim_timesteps=50, width=768, height=432) -> io.NodeOutput:
+        check_values(cls, phases=phases, ddim_timesteps=ddim_timesteps, width=width, height=height)
         timesteps, edges = None, ()
         if model is not None:
             ms = model.get_model_object("model_sampling")

@@ -2,6 +2,7 @@
 import comfy.samplers
 from comfy_api.latest import io
 
+from ..host.input_checks import check_values
 from ..samplers.registry import SAMPLERS
 
 CATEGORY = "sampling/custom_sampling/samplers"
@@ -29,6 +30,7 @@ class FewStepTCDSampler(io.ComfyNode):
 
     @classmethod
     def execute(cls, gamma) -> io.NodeOutput:
+        check_values(cls, gamma=gamma)
         return io.NodeOutput(comfy.samplers.KSAMPLER(TCD.function, extra_options={"gamma": float(gamma)}))
 
 
@@ -51,6 +53,7 @@ class FewStepCTMGammaSampler(io.ComfyNode):
 
     @classmethod
     def execute(cls, gamma) -> io.NodeOutput:
+        check_values(cls, gamma=gamma)
         return io.NodeOutput(comfy.samplers.KSAMPLER(CTM.function, extra_options={"gamma": float(gamma)}))
 
 

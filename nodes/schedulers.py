@@ -1,6 +1,7 @@
 """SIGMAS nodes: PCM phased schedule, LCM/TCD 50-point grid, Hyper-SD one-step."""
 from comfy_api.latest import io
 
+from ..host.input_checks import check_values
 from ..schedulers import (END_CONVENTIONS, apply_denoise, hyper_sd_1step_sigmas, lcm_sigmas, lcm_timesteps, pcm_sigmas,
                           phases_problem)
 from ..schedulers.registry import SCHEDULERS
@@ -10,18 +11,6 @@ CATEGORY = "sampling/custom_sampling/schedulers"
 END_TOOLTIP = ("Where the last step lands. zero: σ = 0, a clean image (ComfyUI's convention). sigma_min: the model's "
                "smallest training σ (t = 0), as diffusers' DDIM/TCD pipelines with set_alpha_to_one=False; keeps ~3 % noise.")
 DENOISE_TOOLTIP = "1.0 for text-to-image; below 1 for img2img: only the last part of the schedule is sampled."
-
-
-def _out_of_range(name, value, low, high):
-    """A message when a constant widget value lies outside [low, high]; None when fine or not a constant."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and not low <= value <= high:
-        return f"{name} = {value} is outside its range {low}..{high}."
-    return None
-
-
-def _verdict(problems):
-    problems = [p for p in problems if p]
-    return True if not problems else " ".join(problems)
 
 
 def _model_sampling(model):
@@ -55,17 +44,19 @@ class FewStepPCMScheduler(io.ComfyNode):
             outputs=[io.Sigmas.Output()],
         )
 
-    # Named inputs only: a **kwargs signature makes ComfyUI skip min/max checks for every input, and it skips
-    # them for the inputs named here, so these are range-checked by hand.
+    # Rules between inputs live here, not in validate_inputs (whose message ComfyUI repeats on every input it
+    # takes, and which turns off ComfyUI's range checks for them): host/input_checks.py runs them at /prompt.
     @classmethod
-    def validate_inputs(cls, phases=None, ddim_timesteps=None):
-        problems = [_out_of_range("phases", phases, 1, 50), _out_of_range("ddim_timesteps", ddim_timesteps, 1, 1000)]
-        if not any(problems) and isinstance(phases, int) and isinstance(ddim_timesteps, int):
-            problems.append(phases_problem(phases, ddim_timesteps))
-        return _verdict(problems)
+    def cross_checks(cls, values):
+        if "phases" in values and "ddim_timesteps" in values:
+            problem = phases_problem(int(values["phases"]), int(values["ddim_timesteps"]))
+            if problem:
+                return {"phases": problem}
+        return {}
 
     @classmethod
     def execute(cls, model, phases, ddim_timesteps, steps, denoise, end) -> io.NodeOutput:
+        check_values(cls, phases=phases, ddim_timesteps=ddim_timesteps, steps=steps, denoise=denoise)
         ms = _model_sampling(model)
         sigmas = apply_denoise(lambda n: pcm_sigmas(ms, n, phases, ddim_timesteps, end), steps, denoise)
         return io.NodeOutput(sigmas)
@@ -94,18 +85,17 @@ class FewStepLCMScheduler(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, steps=None, denoise=None, original_steps=None):
-        problems = [_out_of_range("steps", steps, 1, 50), _out_of_range("denoise", denoise, 0.01, 1.0),
-                    _out_of_range("original_steps", original_steps, 1, 1000)]
-        if not any(problems) and None not in (steps, denoise, original_steps):
+    def cross_checks(cls, values):
+        if all(name in values for name in ("steps", "denoise", "original_steps")):
             try:
-                lcm_timesteps(steps, denoise, original_steps)
+                lcm_timesteps(int(values["steps"]), float(values["denoise"]), int(values["original_steps"]))
             except ValueError as err:
-                problems.append(str(err))
-        return _verdict(problems)
+                return {"steps": str(err)}
+        return {}
 
     @classmethod
     def execute(cls, model, steps, denoise, original_steps, end) -> io.NodeOutput:
+        check_values(cls, steps=steps, denoise=denoise, original_steps=original_steps)
         return io.NodeOutput(lcm_sigmas(_model_sampling(model), steps, denoise, end, original_steps=original_steps))
 
 
@@ -128,5 +118,6 @@ class FewStepHyperSD1StepScheduler(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, steps, denoise) -> io.NodeOutput:
+        check_values(cls, steps=steps, denoise=denoise)
         ms = _model_sampling(model)
         return io.NodeOutput(apply_denoise(lambda n: hyper_sd_1step_sigmas(ms, n), steps, denoise))

@@ -15,8 +15,9 @@ import numpy as np
 import torch
 from comfy_api.latest import io
 
-from ..distill.engine import CFG_MODES, PRECISIONS, DistillConfig, DistillDiverged
+from ..distill.engine import CFG_MODES, MAX_GUIDANCE_W, PRECISIONS, DistillConfig, DistillDiverged
 from ..distill.lora import DEFAULT_ALPHA, DEFAULT_RANK
+from ..host.input_checks import check_values
 from ..host.training_model import TrainingModel, encode_prompts
 from ..host.training_job import TrainingInterrupted, TrainJob, run
 from ..samplers import sample_pcm
@@ -27,6 +28,8 @@ log = logging.getLogger("fewstep")
 
 VALIDATION_STEPS = (1, 2, 4)
 _DEFAULTS = DistillConfig()  # the training defaults: the widgets show DistillConfig's own
+# File systems allow 255 bytes per name; the saves add a temporary prefix and suffix, the state a folder per name.
+MAX_NAME_CHARS, MAX_PART_CHARS = 200, 100
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.+-]*(/[A-Za-z0-9][A-Za-z0-9 _.+-]*)*$")
 
 
@@ -43,6 +46,10 @@ def _lora_output_path(output_name: str) -> pathlib.Path:
     if not NAME_PATTERN.match(name) or ".." in name.split("/"):
         raise ValueError(f"output_name {output_name!r} is not a plain file name inside models/loras: use letters, "
                          "digits, space, _ . + - and optionally sub/folders, no '..' and no absolute path.")
+    longest = max(len(part) for part in name.split("/"))
+    if len(name) > MAX_NAME_CHARS or longest > MAX_PART_CHARS:
+        raise ValueError(f"output_name is {len(name)} characters long (longest part {longest}): keep it to "
+                         f"{MAX_NAME_CHARS} characters, each folder or file name to {MAX_PART_CHARS}.")
     root = _loras_root()
     path = (root / (name + ".safetensors")).resolve()
     if root not in path.parents:
@@ -115,9 +122,9 @@ class FewStepPCMDistill(io.ComfyNode):
                 io.Combo.Input("cfg_mode", options=list(CFG_MODES), default=_DEFAULTS.cfg_mode,
                                tooltip="small: the teacher's CFG (w in [w_min, w_max]) is distilled in, sample at CFG "
                                        "1–2. normal: CFG solver off with 10 % empty prompts, sample at CFG 2–6."),
-                io.Float.Input("w_min", default=_DEFAULTS.w_min, min=0.0, max=30.0, step=0.1,
+                io.Float.Input("w_min", default=_DEFAULTS.w_min, min=0.0, max=MAX_GUIDANCE_W, step=0.1,
                                tooltip="Smallest teacher guidance w (ComfyUI CFG = 1 + w). small mode only."),
-                io.Float.Input("w_max", default=_DEFAULTS.w_max, min=0.0, max=30.0, step=0.1,
+                io.Float.Input("w_max", default=_DEFAULTS.w_max, min=0.0, max=MAX_GUIDANCE_W, step=0.1,
                                tooltip="Largest teacher guidance w. small mode only."),
                 io.Float.Input("huber_c", default=_DEFAULTS.huber_c, min=0.0, max=1.0, step=0.0001,
                                tooltip="Pseudo-Huber c of the distance (0 = L1 on the samples)."),
@@ -167,24 +174,39 @@ class FewStepPCMDistill(io.ComfyNode):
             hidden=[io.Hidden.unique_id],
         )
 
+    # One input only: ComfyUI repeats a validate_inputs message on every input the function takes and skips its
+    # range checks for them. The numbers and the rules between them: cross_checks, run by host/input_checks.py.
     @classmethod
-    def validate_inputs(cls, output_name=None, phases=None, ddim_timesteps=None, w_min=None, w_max=None):
-        if output_name is not None:
+    def validate_inputs(cls, output_name=None):
+        if isinstance(output_name, str):
             try:
                 _lora_output_path(output_name)
             except ValueError as error:
                 return str(error)
-        if isinstance(phases, int) and isinstance(ddim_timesteps, int) and phases_problem(phases, ddim_timesteps):
-            return phases_problem(phases, ddim_timesteps)
-        if w_min is not None and w_max is not None and w_min > w_max:
-            return f"w_min ({w_min}) is larger than w_max ({w_max})."
         return True
+
+    @classmethod
+    def cross_checks(cls, values):
+        problems = {}
+        if "phases" in values and "ddim_timesteps" in values:
+            problem = phases_problem(int(values["phases"]), int(values["ddim_timesteps"]))
+            if problem:
+                problems["phases"] = problem
+        if "w_min" in values and "w_max" in values and values["w_min"] > values["w_max"]:
+            problems["w_min"] = (f"w_min ({values['w_min']:g}) is larger than w_max ({values['w_max']:g}): the teacher's "
+                                 "guidance is drawn from [w_min, w_max].")
+        return problems
 
     @classmethod
     def execute(cls, model, latents, output_name, steps, phases, ddim_timesteps, batch_size, grad_accumulation,
                 learning_rate, rank, alpha, cfg_mode, w_min, w_max, huber_c, seed, precision, gradient_checkpointing,
                 save_every, validate_every, resume, positive=None, negative=None, clip=None, prompts="",
                 vae=None, warmup_steps=0, ema_decay=0.0, adversarial_weight=0.0) -> io.NodeOutput:
+        check_values(cls, steps=steps, phases=phases, ddim_timesteps=ddim_timesteps, batch_size=batch_size,
+                     grad_accumulation=grad_accumulation, learning_rate=learning_rate, rank=rank, alpha=alpha,
+                     w_min=w_min, w_max=w_max, huber_c=huber_c, seed=seed, gradient_checkpointing=gradient_checkpointing,
+                     save_every=save_every, validate_every=validate_every, resume=resume, warmup_steps=warmup_steps,
+                     ema_decay=ema_decay, adversarial_weight=adversarial_weight)
         samples = latents["samples"] if isinstance(latents, dict) else None
         if samples is None or samples.ndim != 4 or samples.shape[0] == 0:
             raise ValueError("latents is empty: connect a batch of latents (e.g. VAE Encode of your images).")

@@ -99,6 +99,14 @@ def test_nan_stops_the_run_with_the_last_good_weights():
     ({"cfg_mode": "huge"}, "cfg_mode must be one of"),
     ({"precision": "fp8"}, "precision must be one of"),
     ({"w_min": 3.0, "w_max": 1.0}, "w_min ≤ w_max"),
+    # Non-finite settings: each would train on NaN (or an unbounded guidance) and save an all-zero LoRA.
+    ({"huber_c": float("nan")}, "huber_c must be a finite number, got nan"),
+    ({"w_max": float("inf")}, "w_max must be a finite number, got inf"),
+    ({"w_min": float("nan")}, "w_min must be a finite number"),
+    ({"ema_decay": float("nan")}, "ema_decay must be a finite number"),
+    ({"learning_rate": float("inf")}, "learning_rate must be a finite number"),
+    ({"w_max": 1e6}, "w_max must be at most 30"),
+    ({"huber_c": 2.0}, r"huber_c must be in \[0, 1\]"),
 ])
 def test_bad_settings_are_refused(change, message):
     net, lora, data, config = make_setup()
@@ -235,3 +243,10 @@ def test_two_gloo_processes_equal_two_virtual_ranks_to_the_bit(tmp_path):
     assert torch.equal(gloo_losses, virtual_losses), (gloo_losses, virtual_losses)
     assert len(gloo) == len(virtual) and all(torch.equal(a, b) for a, b in zip(gloo, virtual))
     assert any(p.abs().sum() > 0 for p in gloo)
+
+
+@pytest.mark.parametrize("alpha", [float("nan"), float("inf"), 0.0, -1.0])
+def test_a_lora_alpha_that_is_not_a_positive_number_is_refused(alpha):
+    net = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    with pytest.raises(ValueError, match="LoRA alpha must be a positive number"):
+        LoraSet(net, ["0"], rank=2, alpha=alpha)

@@ -283,6 +283,50 @@ def test_out_of_range_inputs_of_pack_schedulers_are_validation_errors(server, ca
     _check_rejected(server, build(), words)
 
 
+# Values ComfyUI's own checks let through or turn into raw errors (NaN passes every min/max test; bool("false") is
+# True): refused at /prompt by the pack's screen (host/input_checks.py, hooked in by host/registration.py).
+NAN = float("nan")  # the test client's json.dumps writes NaN, and the server's JSON reader accepts it
+SCREEN_CASES = {
+    "fast_sampler_cfg_nan": (lambda: _set(load_workflow("pcm_lora_fast_sampler"), "FewStepFastSampler", cfg=NAN),
+                             ["cfg is NaN"]),
+    "fast_sampler_denoise_nan": (lambda: _set(load_workflow("pcm_lora_fast_sampler"), "FewStepFastSampler",
+                                              denoise=NAN), ["denoise is NaN"]),
+    "pcm_scheduler_denoise_nan": (lambda: _set(load_workflow("pcm_phased_custom"), "FewStepPCMScheduler",
+                                               denoise=NAN), ["denoise is NaN"]),
+    "hyper_sd_denoise_nan": (lambda: _set(load_workflow("hyper_sd_1step"), "FewStepHyperSD1StepScheduler",
+                                          denoise=NAN), ["denoise is NaN"]),
+    "train_resume_string": (lambda: _set(load_workflow("pcm_distill_train"), "FewStepPCMDistill", resume="false"),
+                            ["resume must be true or false"]),
+    "train_w_max_huge": (lambda: _set(load_workflow("pcm_distill_train"), "FewStepPCMDistill", w_max=1e6),
+                         ["Value 1000000.0 bigger than max of 30", "w_max"]),
+    "train_phases_negative": (lambda: _set(load_workflow("pcm_distill_train"), "FewStepPCMDistill", phases=-1),
+                              ["Value -1 smaller than min of 1", "phases"]),
+    "train_alpha_nan": (lambda: _set(load_workflow("pcm_distill_train"), "FewStepPCMDistill", alpha=NAN),
+                        ["alpha is NaN"]),
+    "train_steps_text": (lambda: _set(load_workflow("pcm_distill_train"), "FewStepPCMDistill", steps="many"),
+                         ["steps must be a whole number, got 'many'"]),
+    "lora_strength_inf": (lambda: _set(load_workflow("pcm_lora_fast_sampler"), "FewStepLoraLoader",
+                                       strength_clip=float("inf")), ["Value inf bigger than max of 10.0"]),
+}
+
+
+@pytest.mark.parametrize("case", list(SCREEN_CASES))
+def test_values_comfyui_lets_through_are_refused_at_prompt(server, case):
+    build, words = SCREEN_CASES[case]
+    _check_rejected(server, build(), words)
+
+
+def test_a_validation_message_is_given_once(server):
+    graph = _set(load_workflow("pcm_distill_train"), "FewStepPCMDistill", output_name="x" * 300, w_min=9.0, w_max=8.0)
+    submitted = server.post_prompt(graph)
+    assert submitted.status == 400, submitted
+    errors = submitted.body["node_errors"][only_node(graph, "FewStepPCMDistill")]["errors"]
+    details = [e["details"] for e in errors]
+    assert len(details) == 2 and len(set(details)) == 2, details
+    assert sorted(e["extra_info"]["input_name"] for e in errors) == ["output_name", "w_min"], errors
+    assert_good_prompt_runs(server)
+
+
 def test_unknown_sampler_error_names_the_node(server):
     graph = _set(load_workflow("pcm_ksampler"), "KSampler", sampler_name="no_such_sampler")
     submitted = server.post_prompt(graph)

@@ -539,7 +539,7 @@ def test_schedule_preview_image(host, with_model):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The whole thing as a prompt: validation (dropdown names, our validate_inputs) and the executor.
+# The whole thing as a prompt: validation (dropdown names, the pack's input screen) and the executor.
 
 class _StubServer:
     def __init__(self):
@@ -586,6 +586,9 @@ def _prompt(ckpt, sampler="tcd", scheduler="lcm", phases=4, ddim=50):
 def test_prompt_validates_and_executes(comfy_host):
     import asyncio
 
+    from fewstep.host.input_checks import screen_prompt
+    from fewstep.nodes import NODES
+
     execution = comfy_host.execution
     good = _prompt(comfy_host.checkpoint)
     valid, error, outputs, node_errors = asyncio.run(execution.validate_prompt("v1", good, None))
@@ -596,9 +599,10 @@ def test_prompt_validates_and_executes(comfy_host):
     for bad, where, dropped in ((_prompt(comfy_host.checkpoint, sampler="no_such_sampler"), "5", "7"),
                                 (_prompt(comfy_host.checkpoint, scheduler="no_such_scheduler"), "5", "7"),
                                 (_prompt(comfy_host.checkpoint, phases=20, ddim=10), "8", "14")):
+        screen_prompt(bad, {cls.define_schema().node_id: cls for cls in NODES})  # as POST /prompt does first
         _valid, _error, bad_outputs, node_errors = asyncio.run(execution.validate_prompt("v2", bad, None))
         assert where in node_errors and dropped not in bad_outputs, (where, node_errors, bad_outputs)
-        if where == "8":  # the pack's own validate_inputs, not a range check
+        if where == "8":  # the pack's own rule between inputs, not a range check
             assert "cannot exceed ddim_timesteps" in str(node_errors["8"]), node_errors["8"]
 
     server = _StubServer()

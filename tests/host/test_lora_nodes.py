@@ -136,7 +136,7 @@ def _bad_files(folder):
 def test_bad_files_fail_validation_with_the_reason(name, message, lora_dir, comfy_host):
     _bad_files(lora_dir)
     refresh(comfy_host)
-    verdict = validate(comfy_host, lora_name=name, strength_model=1.0, strength_clip=1.0)
+    verdict = validate(comfy_host, lora_name=name)
     assert verdict is not True and message in verdict
 
 
@@ -145,7 +145,7 @@ def test_a_full_unet_in_loras_is_refused_with_the_loader_to_use(lora_dir, comfy_
     unet = {"input_blocks.0.0.weight": torch.zeros(4, 4, 3, 3), "input_blocks.0.0.bias": torch.zeros(4)}
     write_lora(lora_dir / "Hyper-SDXL-1step-Unet.safetensors", unet, {})
     refresh(comfy_host)
-    verdict = validate(comfy_host, lora_name="Hyper-SDXL-1step-Unet.safetensors", strength_model=1.0, strength_clip=1.0)
+    verdict = validate(comfy_host, lora_name="Hyper-SDXL-1step-Unet.safetensors")
     assert verdict is not True and "is not a LoRA" in verdict and "Hyper-SDXL 1-Step UNet Loader" in verdict
     with pytest.raises(ValueError, match="is not a LoRA"):  # at run time too (a file swapped in after validation)
         load(run_node, tiny_models, "Hyper-SDXL-1step-Unet.safetensors")

@@ -191,9 +191,15 @@ def test_bad_inputs_are_refused_with_the_reason(comfy_host, run_node, tiny_model
 
 def test_validate_inputs_names_the_problem(comfy_host):
     cls = comfy_host.nodes.NODE_CLASS_MAPPINGS[NODE]
-    assert "cannot exceed ddim_timesteps" in cls.validate_inputs(phases=8, ddim_timesteps=4)
+    assert "cannot exceed ddim_timesteps" in cls.cross_checks({"phases": 8, "ddim_timesteps": 4})["phases"]
+    assert "larger than w_max" in cls.cross_checks({"w_min": 5.0, "w_max": 4.0})["w_min"]
+    assert cls.cross_checks({"phases": 4, "ddim_timesteps": 50, "w_min": 4.0, "w_max": 5.0}) == {}
     assert "not a plain file name" in cls.validate_inputs(output_name="/etc/passwd")
-    assert cls.validate_inputs(output_name="mine/pcm_4step", phases=4, ddim_timesteps=50) is True
+    assert "200 characters" in cls.validate_inputs(output_name="a" * 300)
+    assert "200 characters" in cls.validate_inputs(output_name="/".join(["b" * 90] * 3))
+    assert "each folder or file name to 100" in cls.validate_inputs(output_name="c" * 101)
+    assert cls.validate_inputs(output_name="mine/pcm_4step") is True
+    assert cls.validate_inputs(output_name="d" * 100) is True
 
 
 @pytest.mark.parametrize("arch", ["sdxl", "sd3", "flux"])

@@ -63,12 +63,12 @@ def test_preset_to_ksampler_notes_gamma_against_the_dropdowns(run_node):
 @pytest.mark.parametrize("node_id", ["FewStepPCMScheduler", "FewStepSchedulePreview", "FewStepPCMDistill"])
 def test_node_validation_gives_the_one_phases_message(comfy_host, node_id):
     cls = node_class(comfy_host, node_id)
-    assert cls.validate_inputs(phases=12, ddim_timesteps=10) == phases_problem(12, 10)
-    assert cls.validate_inputs(phases=10, ddim_timesteps=10) is True
+    assert cls.cross_checks({"phases": 12, "ddim_timesteps": 10}) == {"phases": phases_problem(12, 10)}
+    assert cls.cross_checks({"phases": 10, "ddim_timesteps": 10}) == {}
 
 
 def test_preview_phases_zero_draws_no_edges_and_is_valid(comfy_host):
-    assert node_class(comfy_host, "FewStepSchedulePreview").validate_inputs(phases=0, ddim_timesteps=10) is True
+    assert node_class(comfy_host, "FewStepSchedulePreview").cross_checks({"phases": 0, "ddim_timesteps": 10}) == {}
 
 
 def test_fast_sampler_says_when_a_presets_phases_exceed_its_k(run_node, tiny_models, conds, caplog):
