@@ -38,7 +38,7 @@ TRAINER_METADATA_KEYS = (
 )
 
 ARCHES = PRESET_ARCHS  # the architectures the table covers, of loras/architectures.py's vocabulary
-FAMILIES = ("pcm", "hyper_sd", "tcd", "lcm", "fewstep", "unknown")
+FAMILIES = ("pcm", "hyper_sd", "tcd", "lcm", "lightning", "dmd2", "fewstep", "unknown")
 
 # Names the table may use: the pack's own dropdown entries (the registries host/registration.py registers) and
 # ComfyUI core ones.

@@ -57,6 +57,11 @@ OFFICIAL_NAMES = {
     "lcm_lora_sdxl": ("lcm_sdxl", "lcm", "lcm", "sdxl", 4, "lcm", "lcm", 1.0),
     "lcm-lora-sdxl": ("lcm_sdxl", "lcm", "lcm", "sdxl", 4, "lcm", "lcm", 1.0),
     "lcm-lora-ssd-1b": ("lcm_ssd1b", "lcm", "lcm", "ssd1b", 4, "lcm", "lcm", 1.0),
+    "sdxl_lightning_2step_lora": ("lightning_sdxl", "lightning", "nstep", "sdxl", 2, "euler", "sgm_uniform", 1.0),
+    "sdxl_lightning_4step_lora": ("lightning_sdxl", "lightning", "nstep", "sdxl", 4, "euler", "sgm_uniform", 1.0),
+    "sdxl_lightning_8step_lora": ("lightning_sdxl", "lightning", "nstep", "sdxl", 8, "euler", "sgm_uniform", 1.0),
+    "dmd2_sdxl_4step_lora_fp16": ("dmd2_sdxl", "dmd2", "4step", "sdxl", 4, "lcm", "pcm", 1.0),
+    "dmd2_sdxl_4step_lora": ("dmd2_sdxl", "dmd2", "4step", "sdxl", 4, "lcm", "pcm", 1.0),
 }
 
 
@@ -71,6 +76,41 @@ def test_official_names_map_to_their_preset(name):
     assert preset.source == "filename"
     assert preset.cfg_min <= preset.cfg <= preset.cfg_max
     assert "(from file name)" in preset.message and f"sampler {sampler}" in preset.message
+
+
+# ComfyUI-Manager installs these under loras/SDXL-Lightning and loras/DMD2 (model-list.json). Cards: Lightning N steps,
+# Euler, sgm_uniform in ComfyUI (trailing in diffusers), guidance 0; DMD2 LCMScheduler on 999/749/499/249, guidance 0.
+@pytest.mark.parametrize("name,label,steps,sampler,scheduler", [
+    ("SDXL-Lightning/sdxl_lightning_2step_lora.safetensors", "SDXL-Lightning 2-step LoRA", 2, "euler", "sgm_uniform"),
+    ("SDXL-Lightning/sdxl_lightning_4step_lora.safetensors", "SDXL-Lightning 4-step LoRA", 4, "euler", "sgm_uniform"),
+    ("SDXL-Lightning/sdxl_lightning_8step_lora.safetensors", "SDXL-Lightning 8-step LoRA", 8, "euler", "sgm_uniform"),
+    ("DMD2/dmd2_sdxl_4step_lora_fp16.safetensors", "DMD2 SDXL 4-step LoRA", 4, "lcm", "pcm"),
+    ("DMD2/dmd2_sdxl_4step_lora.safetensors", "DMD2 SDXL 4-step LoRA", 4, "lcm", "pcm"),
+])
+def test_lightning_and_dmd2_loras_get_their_card_settings(name, label, steps, sampler, scheduler):
+    preset = presets.preset_for(name, None, "sdxl", 64)
+    assert (preset.source, preset.base_arch, preset.steps, preset.cfg, preset.strength) == ("filename", "sdxl", steps, 1.0, 1.0)
+    assert not preset.negatives and preset.gamma is None
+    assert preset.message == (f"{label} (from file name): sampler {sampler}, scheduler {scheduler}, {steps} steps, "
+                              "CFG 1.0")
+
+
+def test_dmd2_schedule_is_the_cards_timesteps():
+    """The DMD2 card samples t = 999/749/499/249; the preset's scheduler must give those (the lcm grid would give
+    999/759/499/259)."""
+    from fewstep.schedulers.pcm import pcm_timesteps
+
+    preset = presets.preset_from_filename("dmd2_sdxl_4step_lora_fp16.safetensors")
+    assert preset.scheduler == "pcm" and pcm_timesteps(preset.steps) == [999, 749, 499, 249]
+
+
+@pytest.mark.parametrize("name", [
+    "sdxl_lightning_1step_unet_x0.safetensors",   # the 1-step model is a UNet ("sample" prediction), no LoRA
+    "sdxl_lightning_4step_unet.safetensors",
+    "dmd2_sdxl_4step_unet_fp16.safetensors",
+])
+def test_lightning_and_dmd2_unets_are_not_taken_for_loras(name):
+    assert presets.preset_from_filename(name) is None
 
 
 def test_family_specific_settings():
