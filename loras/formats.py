@@ -5,6 +5,7 @@ A LoRA file is a flat dict of tensors. Every trainer spells the same thing diffe
     kohya        lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight  (+ .alpha)
     LDM          diffusion_model.input_blocks.1.1.proj_in.lora_down.weight
     PEFT         unet.down_blocks.0.attentions.0.proj_in.lora_A.weight           (alpha in metadata)
+    PEFT save    base_model.model.down_blocks.0.attentions.0.proj_in.lora_A.weight (alpha in adapter_config.json)
     diffusers    unet.down_blocks.0....to_q.lora.down.weight / .lora_linear_layer.down.weight
     attn-proc    unet.down_blocks.0....processor.to_q_lora.down.weight
 
@@ -31,6 +32,13 @@ PICKLE_EXTENSIONS = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
 MAX_HEADER_BYTES = 100 * 2 ** 20
 MAX_RANK = 2048  # far above any published LoRA (they ship 4..256); beyond it the file is damaged or not a LoRA
 PEFT_METADATA_KEY = "lora_adapter_metadata"  # what diffusers writes next to PEFT weights
+# PEFT's LoraConfig default lora_alpha. A UNet wrapped by peft.get_peft_model and written by save_pretrained has
+# "base_model.model.<diffusers UNet name>" keys; its lora_alpha lives only in the adapter_config.json beside it.
+# Without that file the default is the best estimate, and it is what the PCM scripts trained with (docs/algorithms.md,
+# "PCM: the first SD1.5/SDXL uploads").
+PEFT_DEFAULT_LORA_ALPHA = 8
+_PEFT_UNET_SAVE = re.compile(r"base_model\.model\.(down_blocks|up_blocks|mid_block|conv_in|conv_out|time_embedding|"
+                             r"add_embedding)\.")
 
 # (up suffix, down suffix); the module name is the key without its suffix.
 PAIR_SUFFIXES = (
@@ -59,7 +67,7 @@ class LoraModule:
     down: torch.Tensor
     mid: torch.Tensor | None = None
     scale: float = 1.0
-    scale_rule: str = "none"  # "alpha key", "peft metadata" or "none" (scale 1, as diffusers)
+    scale_rule: str = "none"  # "alpha key", "peft metadata", "peft default alpha" or "none" (scale 1, as diffusers)
     keys: tuple = ()
 
     @property
@@ -296,6 +304,8 @@ def parse_lora(tensors: dict, metadata: dict | None = None) -> ParsedLora:
             scale, rule = float(tensors[alpha_key].float().item()) / rank, "alpha key"
         elif config is not None:
             scale, rule = _peft_scale(config, module_name, rank), "peft metadata"
+        elif adapter_config is None and _PEFT_UNET_SAVE.match(module_name):
+            scale, rule = PEFT_DEFAULT_LORA_ALPHA / rank, "peft default alpha"
         else:
             scale, rule = 1.0, "none"
         modules.append(LoraModule(module_name, up, down, mid, scale, rule, tuple(keys)))

@@ -2,8 +2,9 @@
 
 No ComfyUI import; torch comes in only with the pack's vocabularies read here (the dropdown names of
 samplers/registry.py and schedulers/registry.py, the phases ≤ K rule of schedulers/pcm.py). `preset_for`
-weighs the evidence in this order: metadata written by this pack's trainer, then the file name, then the key
-structure (which only tells the base architecture), then nothing at all. Without a family it falls back to
+weighs the evidence in this order: metadata written by this pack's trainer, then the file name (or, for a generic
+name such as pytorch_lora_weights, the folders it sits in under models/loras), then the key structure (which only
+tells the base architecture), then nothing at all. Without a family it falls back to
 conservative settings and says so. The table is read and checked once, on first use.
 """
 import functools
@@ -37,7 +38,7 @@ TRAINER_METADATA_KEYS = (
 )
 
 ARCHES = PRESET_ARCHS  # the architectures the table covers, of loras/architectures.py's vocabulary
-FAMILIES = ("pcm", "hyper_sd", "tcd", "lcm", "fewstep", "unknown")
+FAMILIES = ("pcm", "hyper_sd", "tcd", "lcm", "lightning", "dmd2", "fewstep", "unknown")
 
 # Names the table may use: the pack's own dropdown entries (the registries host/registration.py registers) and
 # ComfyUI core ones.
@@ -74,7 +75,7 @@ class Preset:
     phases: int | None           # PCM phases M
     ddim_timesteps: int | None   # PCM DDIM grid size K
     notes: str
-    source: str = "table"        # how it was found: "table", "metadata", "filename", "structure" or "unknown"
+    source: str = "table"        # how it was found: "table", "metadata", "filename", "folder", "structure", "unknown"
     message: str = ""
 
 
@@ -91,6 +92,7 @@ class _Table:
     patterns: tuple
     conservative: dict     # arch or None → preset id
     trainer: dict
+    generic_names: frozenset  # lower-case file stems that name no LoRA (pytorch_lora_weights, ...)
 
 
 # ---------------------------------------------------------------- table loading and validation
@@ -109,7 +111,8 @@ def validate_table(table):
     patterns = tuple(_check_pattern(i, p, presets) for i, p in enumerate(table.get("filename_patterns", [])))
     conservative = _check_conservative(table.get("conservative"), presets)
     trainer = _check_trainer(table.get("trainer"), source_ids)
-    return _Table(presets, cfg_by_steps, patterns, conservative, trainer)
+    generic = _check_generic_names(table.get("generic_file_names"), source_ids)
+    return _Table(presets, cfg_by_steps, patterns, conservative, trainer, generic)
 
 
 def _fail(pid, problem):
@@ -247,6 +250,15 @@ def _check_trainer(rule, source_ids):
     return rule
 
 
+def _check_generic_names(section, source_ids):
+    names = section.get("names") if isinstance(section, dict) else None
+    if not isinstance(names, list) or not names or any(not isinstance(n, str) or not n.strip() for n in names):
+        raise ValueError("preset table: 'generic_file_names' needs a non-empty list of names.")
+    if not section.get("sources") or any(s not in source_ids for s in section["sources"]):
+        raise ValueError("preset table: 'generic_file_names' needs sources from the 'sources' list.")
+    return frozenset(n.strip().lower() for n in names)
+
+
 def _is_number(value):
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
@@ -362,22 +374,54 @@ def _trainer_notes(metadata, mode, phases, ddim):
 
 
 def preset_from_filename(name, base_arch=None):
-    """Preset for a known file name (folder prefix and extension ignored, case-insensitive), else None.
+    """Preset for a known file name (extension ignored, case-insensitive), else None.
 
-    base_arch (from the key structure) is only used by patterns that name a family but no
-    architecture, such as "tcd.safetensors".
+    Only the base name counts, except for a generic one (pytorch_lora_weights, adapter_model, ...: the table's
+    generic_file_names), which every LCM and TCD repository ships: then the folders of the name decide, as
+    ComfyUI-Manager's "SD1.5/lcm/pytorch_lora_weights.safetensors" (names are relative to models/loras; for a
+    full path only the part below the last "loras" folder is read). base_arch (from the key structure) is only
+    used by patterns that name a family but no architecture, such as "tcd.safetensors".
     """
-    stem = _stem(name)
     table = _table()
+    stem = _stem(name)
+    preset = _match_patterns(table, stem, base_arch)
+    if preset is not None:
+        return replace(preset, message=_describe(preset, "from file name"))
+    folder = _folder(name) if stem.lower() in table.generic_names else ""
+    preset = _match_patterns(table, folder, base_arch) if folder else None
+    if preset is not None:
+        origin = f"recognised by its folder {folder}/, {stem} being a generic file name"
+        return replace(preset, source="folder", message=_describe(preset, origin))
+    return None
+
+
+def _match_patterns(table, text, base_arch):
     for pattern in table.patterns:
-        match = pattern.regex.search(stem)
+        match = pattern.regex.search(text)
         pid = pattern.preset_by_arch.get(None) or pattern.preset_by_arch.get(base_arch)
         if match is None or pid is None:
             continue
         preset = _from_match(table, pid, match)
         if preset is not None:
-            return replace(preset, message=_describe(preset, "from file name"))
+            return preset
     return None
+
+
+def _folder(name):
+    """The folders of a LoRA name below models/loras, "/"-joined ("SD1.5/lcm"); "" for a bare file name."""
+    parts = [p for p in PureWindowsPath(str(name)).parts[:-1] if p.strip("\\/") and not p.endswith(":\\")]
+    below = [i for i, p in enumerate(parts) if p.lower() == "loras"]
+    return "/".join(parts[below[-1] + 1:] if below else parts)
+
+
+def generic_name_note(name):
+    """Why a generic file name told nothing ("… is a generic file name …"), or None for any other name."""
+    stem = _stem(name)
+    if stem.lower() not in _table().generic_names:
+        return None
+    folder = _folder(name)
+    where = f"its folder {folder}/ names no known LoRA" if folder else "it sits in no folder that could name one"
+    return f"{stem} is a generic file name (every LCM/TCD release uses one) and {where}"
 
 
 def _stem(name):
@@ -429,8 +473,11 @@ def preset_for(filename, metadata=None, base_arch=None, rank=None):
     if named is not None and same_family(named.base_arch, base_arch):
         return replace(named, message="; ".join(reasons + [named.message]))
     if named is not None:
-        reasons.append(f"the file name says {named.label} but the keys are {arch_label(base_arch)}, "
-                       "so the name is not trusted")
+        said_by = f"the folder {_folder(filename)}/" if named.source == "folder" else "the file name"
+        reasons.append(f"{said_by} says {named.label} but the keys are {arch_label(base_arch)}, "
+                       f"so the {'folder' if named.source == 'folder' else 'name'} is not trusted")
+    elif generic_name_note(filename or ""):
+        reasons.append(generic_name_note(filename))
     return conservative_preset(base_arch, _unknown_text(base_arch, rank, reasons))
 
 

@@ -226,3 +226,37 @@ def test_a_full_model_file_is_not_a_lora():
     assert not_a_lora_problem(["lora_unet_a.lora_down.weight", "lora_unet_a.lora_up.weight"], "x") is None
     assert not_a_lora_problem(["lora_unet_a.hada_w1_a", "lora_unet_a.hada_w1_b"], "x") is None  # LoHa: another path
     assert not_a_lora_problem(["__metadata__"], "x") is None  # no tensors: refused elsewhere
+
+
+# ---------------------------------------------------------------- PEFT save_pretrained files without their config
+
+def test_pcm_sdxl_first_upload_gets_the_lora_alpha_it_was_trained_with(tmp_path):
+    """The first PCM-SDXL files (base_model.model.… lora_A/lora_B, fp32, rank 64, no alpha, no metadata) were trained
+    under PEFT's LoraConfig(r=64) with the default lora_alpha 8: scale 8/64. At scale 1 they were 8x too strong.
+    diffusers never applied them at scale 1 (it refused or skipped the layout): docs/algorithms.md."""
+    from support.lora_files import PCM_SDXL_FIRST_UPLOAD, published_lora, write_lora
+
+    path = write_lora(tmp_path / "pcm_sdxl_smallcfg_4step.safetensors",
+                      published_lora(PCM_SDXL_FIRST_UPLOAD, rank=64), {"format": "pt"})
+    parsed = parse_lora(*read_lora_file(str(path)))
+    assert (parsed.base_arch, parsed.key_formats, parsed.unused) == ("sdxl", ("peft",), [])
+    assert len(parsed.modules) == len(PCM_SDXL_FIRST_UPLOAD)
+    assert {(m.scale, m.scale_rule, m.up.dtype) for m in parsed.modules} == {(0.125, "peft default alpha", torch.float32)}
+
+
+@pytest.mark.parametrize("prefix,metadata,scale,rule", [
+    ("base_model.model.", {"lora_adapter_metadata": json.dumps({"r": 16, "lora_alpha": 16})}, 1.0, "peft metadata"),
+    ("unet.", {}, 1.0, "none"),                    # diffusers' own PEFT save: no alpha means alpha = rank
+    ("", {}, 1.0, "none"),
+])
+def test_peft_default_alpha_is_only_for_unet_saves_without_any_config(prefix, metadata, scale, rule):
+    from support.lora_files import PCM_SDXL_FIRST_UPLOAD, published_lora
+
+    layers = {prefix + name[len("base_model.model."):]: shape for name, shape in PCM_SDXL_FIRST_UPLOAD.items()}
+    parsed = parse_lora(published_lora(layers, rank=16), metadata)
+    assert {(m.scale, m.scale_rule) for m in parsed.modules} == {(scale, rule)}
+
+
+def test_model_level_peft_transformer_without_config_keeps_scale_one():
+    (m,) = parse_lora(pair("base_model.model.transformer_blocks.0.attn.to_q", "peft", rank=16)).modules
+    assert (m.scale, m.scale_rule) == (1.0, "none")

@@ -57,6 +57,11 @@ OFFICIAL_NAMES = {
     "lcm_lora_sdxl": ("lcm_sdxl", "lcm", "lcm", "sdxl", 4, "lcm", "lcm", 1.0),
     "lcm-lora-sdxl": ("lcm_sdxl", "lcm", "lcm", "sdxl", 4, "lcm", "lcm", 1.0),
     "lcm-lora-ssd-1b": ("lcm_ssd1b", "lcm", "lcm", "ssd1b", 4, "lcm", "lcm", 1.0),
+    "sdxl_lightning_2step_lora": ("lightning_sdxl", "lightning", "nstep", "sdxl", 2, "euler", "sgm_uniform", 1.0),
+    "sdxl_lightning_4step_lora": ("lightning_sdxl", "lightning", "nstep", "sdxl", 4, "euler", "sgm_uniform", 1.0),
+    "sdxl_lightning_8step_lora": ("lightning_sdxl", "lightning", "nstep", "sdxl", 8, "euler", "sgm_uniform", 1.0),
+    "dmd2_sdxl_4step_lora_fp16": ("dmd2_sdxl", "dmd2", "4step", "sdxl", 4, "lcm", "pcm", 1.0),
+    "dmd2_sdxl_4step_lora": ("dmd2_sdxl", "dmd2", "4step", "sdxl", 4, "lcm", "pcm", 1.0),
 }
 
 
@@ -71,6 +76,41 @@ def test_official_names_map_to_their_preset(name):
     assert preset.source == "filename"
     assert preset.cfg_min <= preset.cfg <= preset.cfg_max
     assert "(from file name)" in preset.message and f"sampler {sampler}" in preset.message
+
+
+# ComfyUI-Manager installs these under loras/SDXL-Lightning and loras/DMD2 (model-list.json). Cards: Lightning N steps,
+# Euler, sgm_uniform in ComfyUI (trailing in diffusers), guidance 0; DMD2 LCMScheduler on 999/749/499/249, guidance 0.
+@pytest.mark.parametrize("name,label,steps,sampler,scheduler", [
+    ("SDXL-Lightning/sdxl_lightning_2step_lora.safetensors", "SDXL-Lightning 2-step LoRA", 2, "euler", "sgm_uniform"),
+    ("SDXL-Lightning/sdxl_lightning_4step_lora.safetensors", "SDXL-Lightning 4-step LoRA", 4, "euler", "sgm_uniform"),
+    ("SDXL-Lightning/sdxl_lightning_8step_lora.safetensors", "SDXL-Lightning 8-step LoRA", 8, "euler", "sgm_uniform"),
+    ("DMD2/dmd2_sdxl_4step_lora_fp16.safetensors", "DMD2 SDXL 4-step LoRA", 4, "lcm", "pcm"),
+    ("DMD2/dmd2_sdxl_4step_lora.safetensors", "DMD2 SDXL 4-step LoRA", 4, "lcm", "pcm"),
+])
+def test_lightning_and_dmd2_loras_get_their_card_settings(name, label, steps, sampler, scheduler):
+    preset = presets.preset_for(name, None, "sdxl", 64)
+    assert (preset.source, preset.base_arch, preset.steps, preset.cfg, preset.strength) == ("filename", "sdxl", steps, 1.0, 1.0)
+    assert not preset.negatives and preset.gamma is None
+    assert preset.message == (f"{label} (from file name): sampler {sampler}, scheduler {scheduler}, {steps} steps, "
+                              "CFG 1.0")
+
+
+def test_dmd2_schedule_is_the_cards_timesteps():
+    """The DMD2 card samples t = 999/749/499/249; the preset's scheduler must give those (the lcm grid would give
+    999/759/499/259)."""
+    from fewstep.schedulers.pcm import pcm_timesteps
+
+    preset = presets.preset_from_filename("dmd2_sdxl_4step_lora_fp16.safetensors")
+    assert preset.scheduler == "pcm" and pcm_timesteps(preset.steps) == [999, 749, 499, 249]
+
+
+@pytest.mark.parametrize("name", [
+    "sdxl_lightning_1step_unet_x0.safetensors",   # the 1-step model is a UNet ("sample" prediction), no LoRA
+    "sdxl_lightning_4step_unet.safetensors",
+    "dmd2_sdxl_4step_unet_fp16.safetensors",
+])
+def test_lightning_and_dmd2_unets_are_not_taken_for_loras(name):
+    assert presets.preset_from_filename(name) is None
 
 
 def test_family_specific_settings():
@@ -136,6 +176,61 @@ def test_renamed_community_files():
     assert presets.preset_from_filename("sdxl_hyper_sd_4step_lora.safetensors").preset_id == "hyper_sdxl_nstep"
     assert presets.preset_from_filename("Hyper-SDXL-8steps-lora_rank1.safetensors").steps == 8
     assert presets.preset_from_filename("pytorch_lora_weights.safetensors") is None
+
+
+# ComfyUI-Manager's save paths (model-list.json: loras/SD1.5/lcm, loras/SDXL/lcm, loras/SSD-1B/lcm; names are relative
+# to models/loras) and the Hugging Face repository names a download keeps as its folder. Every one of these
+# repositories ships the one generic file pytorch_lora_weights.safetensors.
+# name → (preset id, family, base_arch, structural arch, steps, sampler, scheduler, cfg)
+FOLDER_NAMES = {
+    "SD1.5/lcm/pytorch_lora_weights.safetensors": ("lcm_sd15", "lcm", "sd15", "sd15", 4, "lcm", "lcm", 1.0),
+    "SDXL/lcm/pytorch_lora_weights.safetensors": ("lcm_sdxl", "lcm", "sdxl", "sdxl", 4, "lcm", "lcm", 1.0),
+    "SSD-1B/lcm/pytorch_lora_weights.safetensors": ("lcm_ssd1b", "lcm", "ssd1b", "sdxl", 4, "lcm", "lcm", 1.0),
+    "SDXL\\lcm\\pytorch_lora_weights.safetensors": ("lcm_sdxl", "lcm", "sdxl", "sdxl", 4, "lcm", "lcm", 1.0),
+    "lcm-lora-sdv1-5/pytorch_lora_weights.safetensors": ("lcm_sd15", "lcm", "sd15", "sd15", 4, "lcm", "lcm", 1.0),
+    "latent-consistency/lcm-lora-sdxl/pytorch_lora_weights.safetensors":
+        ("lcm_sdxl", "lcm", "sdxl", "sdxl", 4, "lcm", "lcm", 1.0),
+    "lcm-lora-ssd-1b/pytorch_lora_weights.safetensors": ("lcm_ssd1b", "lcm", "ssd1b", "sdxl", 4, "lcm", "lcm", 1.0),
+    "TCD-SD15-LoRA/pytorch_lora_weights.safetensors": ("tcd_sd15", "tcd", "sd15", "sd15", 4, "tcd", "lcm", 1.0),
+    "h1t/TCD-SDXL-LoRA/pytorch_lora_weights.safetensors": ("tcd_sdxl", "tcd", "sdxl", "sdxl", 4, "tcd", "lcm", 1.0),
+    "C:\\ComfyUI\\models\\loras\\SD1.5\\lcm\\pytorch_lora_weights.safetensors":
+        ("lcm_sd15", "lcm", "sd15", "sd15", 4, "lcm", "lcm", 1.0),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FOLDER_NAMES))
+def test_generic_file_names_are_recognised_by_their_folder(name):
+    pid, family, arch, keys_arch, steps, sampler, scheduler, cfg = FOLDER_NAMES[name]
+    preset = presets.preset_for(name, None, keys_arch, 64)
+    got = (preset.preset_id, preset.family, preset.base_arch, preset.steps, preset.sampler, preset.scheduler, preset.cfg)
+    assert got == (pid, family, arch, steps, sampler, scheduler, cfg)
+    assert preset.source == "folder"
+    assert "recognised by its folder" in preset.message and "pytorch_lora_weights being a generic file name" in preset.message
+    assert f"sampler {sampler}, scheduler {scheduler}" in preset.message
+
+
+@pytest.mark.parametrize("name,folder_text", [
+    ("pytorch_lora_weights.safetensors", "it sits in no folder"),
+    ("my_loras/pytorch_lora_weights.safetensors", "its folder my_loras/ names no known LoRA"),
+    ("/home/u/ComfyUI/models/loras/misc/adapter_model.safetensors", "its folder misc/ names no known LoRA"),
+])
+def test_a_generic_name_in_an_unknown_folder_is_conservative_and_says_why(name, folder_text):
+    preset = presets.preset_for(name, None, "sdxl", 64)
+    assert (preset.preset_id, preset.source) == ("conservative_sdxl", "structure")
+    assert "is a generic file name" in preset.message and folder_text in preset.message
+    assert "conservative settings" in preset.message
+
+
+def test_a_folder_that_contradicts_the_keys_is_not_trusted():
+    preset = presets.preset_for("SD1.5/lcm/pytorch_lora_weights.safetensors", None, "sdxl", 64)
+    assert (preset.preset_id, preset.source) == ("conservative_sdxl", "structure")
+    assert "the folder SD1.5/lcm/ says LCM-LoRA SD1.5 but the keys are SDXL" in preset.message
+
+
+def test_only_generic_names_look_at_their_folder():
+    assert presets.preset_from_filename("SDXL/lcm/my_style.safetensors") is None
+    # a recognised name wins over its folder (ComfyUI-Manager puts Hyper-SD15-4steps-lora under HyperSD/SDXL)
+    assert presets.preset_from_filename("HyperSD/SDXL/Hyper-SD15-4steps-lora.safetensors").preset_id == "hyper_sd15_nstep"
 
 
 def test_family_only_names_need_the_structure():
@@ -319,6 +414,8 @@ def test_shipped_table_validates():
     (lambda t: t["filename_patterns"].append({"regex": "tcd(", "preset": "tcd_sd15"}), "bad regex"),
     (lambda t: t["filename_patterns"].append({"regex": "x", "preset": "missing_preset"}), "missing_preset"),
     (lambda t: t["filename_patterns"].append({"regex": "(?P<n>x)", "preset": "tcd_sd15"}), "groups"),
+    (lambda t: t["generic_file_names"].update(names=[]), "generic_file_names"),
+    (lambda t: t["generic_file_names"].update(sources=["nowhere"]), "generic_file_names"),
 ])
 def test_validation_catches_a_broken_table(breakage, expected):
     table = copy.deepcopy(_raw_table())

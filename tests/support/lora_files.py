@@ -309,3 +309,34 @@ def cached_demo_loras(checkpoint):
 
     folder = pathlib.Path(__file__).resolve().parents[2] / ".cache" / "loras"
     return [write_demo_lora(folder / name, checkpoint, seed) for name, seed in DEMO_LORAS.items()]
+
+
+# ---------------------------------------------------------------- published layouts, rebuilt from key lists (pure)
+
+# The first PCM-SDXL upload (wangfuyun/PCM_Weights, e.g. pcm_sdxl_smallcfg_4step.safetensors, before the
+# "_converted" files): what peft's save_pretrained writes for a UNet wrapped by get_peft_model: "base_model.model."
+# + the diffusers UNet name + lora_A/lora_B, float32, rank 64 (--lora_rank=64), no .alpha keys and no adapter
+# metadata (lora_alpha stayed in adapter_config.json). A sample of its layers: module → (out, in) or
+# (out, in, kh, kw) of the patched weight, with SDXL's sizes (2048-wide cross-attention context).
+PCM_SDXL_FIRST_UPLOAD = {
+    "base_model.model.down_blocks.0.resnets.0.conv1": (320, 320, 3, 3),
+    "base_model.model.down_blocks.0.resnets.0.time_emb_proj": (320, 1280),
+    "base_model.model.down_blocks.0.downsamplers.0.conv": (320, 320, 3, 3),
+    "base_model.model.down_blocks.1.attentions.0.proj_in": (640, 640),
+    "base_model.model.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q": (640, 640),
+    "base_model.model.down_blocks.1.attentions.0.transformer_blocks.1.attn2.to_k": (640, 2048),
+    "base_model.model.mid_block.attentions.0.transformer_blocks.0.ff.net.2": (1280, 5120),
+    "base_model.model.up_blocks.0.attentions.0.transformer_blocks.0.attn2.to_out.0": (1280, 1280),
+}
+
+
+def published_lora(layers, rank, suffixes=(".lora_A.weight", ".lora_B.weight"), dtype=torch.float32, seed=0):
+    """A state dict in a published key layout: for each module of `layers` (name → weight shape) a down and an up
+    tensor under `suffixes` (down, up), small seeded values, nothing else (no .alpha, no metadata)."""
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, shape in layers.items():
+        out_dim, in_dim, kernel = shape[0], shape[1], tuple(shape[2:])
+        tensors[name + suffixes[0]] = (torch.randn((rank, in_dim) + kernel, generator=gen) * 0.01).to(dtype)
+        tensors[name + suffixes[1]] = (torch.randn((out_dim, rank) + (1,) * len(kernel), generator=gen) * 0.01).to(dtype)
+    return tensors
