@@ -13,14 +13,20 @@ def sigmas_from_timesteps(model_sampling, timesteps, end="zero"):
     smallest training σ (t = 0), where diffusers' pipelines end: DDIMScheduler with set_alpha_to_one=False (PCM's
     validation), and TCDScheduler, whose last step goes to timestep 0 itself.
     """
-    if end not in END_CONVENTIONS:
-        raise ValueError(f"end must be one of {END_CONVENTIONS}, got {end!r}.")
+    final = final_sigma(model_sampling, end)
     table = model_sampling.sigmas
     if any(t < 0 or t >= len(table) for t in timesteps):
         raise ValueError(f"timesteps {timesteps} fall outside the model's {len(table)} training timesteps.")
     index = torch.tensor(list(timesteps), dtype=torch.long, device=table.device)
-    final = table[:1] if end == "sigma_min" else torch.zeros_like(table[:1])
     return torch.cat([table[index], final]).cpu()
+
+
+def final_sigma(model_sampling, end):
+    """The σ a schedule ends on, as a 1-element tensor: 0 (end="zero") or the smallest training σ ("sigma_min")."""
+    if end not in END_CONVENTIONS:
+        raise ValueError(f"end must be one of {END_CONVENTIONS}, got {end!r}.")
+    table = model_sampling.sigmas
+    return table[:1] if end == "sigma_min" else torch.zeros_like(table[:1])
 
 
 def apply_denoise(schedule, steps, denoise):

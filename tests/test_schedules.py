@@ -1,5 +1,7 @@
 """Schedules: the phase-edge table of docs/algorithms.md ("PCM: phase edges"), diffusers' timesteps for every N,
 and the denoise rule."""
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -96,6 +98,39 @@ def test_hyper_sd_one_step_is_sigma_800_to_zero():
     s = hyper_sd_1step_sigmas(ms, 1)
     assert s.tolist() == [float(ms.sigmas[800]), 0.0]
     assert float(s[0]) < float(ms.sigma_max)  # so ComfyUI scales the start noise by σ(800), not √(1+σ²)
+
+
+class _DistilledTable:
+    """A 50-entry σ table of every 20th training timestep (19, 39, …, 999), as core's "lcm" model sampling keeps."""
+
+    def __init__(self, with_sigma=True):
+        self.full = DiscreteVPSampling().sigmas
+        self.sigmas = self.full[19::20]
+        self.num_timesteps = 1000
+        if with_sigma:
+            self.sigma = self._sigma
+
+    def _sigma(self, timestep):  # log-linear between the table's entries, table index i = timestep 20·i + 19
+        i = ((torch.as_tensor(timestep, dtype=torch.float64) - 19) / 20).clamp(0, 49)
+        low, high, w = i.floor().long(), i.ceil().long(), i.frac()
+        return ((1 - w) * self.sigmas[low].log() + w * self.sigmas[high].log()).exp()
+
+
+def test_hyper_sd_follows_the_models_own_sigma_on_a_distilled_table():
+    ms = _DistilledTable()
+    assert len(ms.sigmas) == 50 and ms.num_timesteps == 1000
+    s = hyper_sd_1step_sigmas(ms, 1)
+    # t = 800 lies 1/20 of the way from the entry of timestep 799 to that of 819
+    expected = math.exp(0.95 * math.log(float(ms.full[799])) + 0.05 * math.log(float(ms.full[819])))
+    assert s[-1] == 0 and math.isclose(float(s[0]), expected, rel_tol=1e-12)
+    assert hyper_sd_1step_sigmas(ms, 1, end="sigma_min")[-1] == ms.sigmas[0] == ms.full[19]
+    two = hyper_sd_1step_sigmas(ms, 2)  # t = 800, 400: 400 is between the entries of 399 and 419 as well
+    assert math.isclose(float(two[1]), float(ms._sigma(400)), rel_tol=1e-12) and len(two) == 3
+
+
+def test_hyper_sd_without_a_sigma_function_on_a_short_table_names_the_problem_and_the_fix():
+    with pytest.raises(ValueError, match=r"timestep 800.*50-entry σ table.*no sigma\(timestep\).*simple, sgm_uniform"):
+        hyper_sd_1step_sigmas(_DistilledTable(with_sigma=False), 1)
 
 
 def test_denoise_keeps_the_tail_like_basic_scheduler():

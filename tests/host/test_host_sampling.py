@@ -511,6 +511,33 @@ def test_schedulers_valid_for_every_step_count(host):
         assert torch.equal(half.float(), calculate(ms, name, 8).float()[-5:])
 
 
+def test_hyper_sd_1step_on_a_distilled_sigma_table_uses_the_models_own_sigma_800(host):
+    """Core ModelSamplingDiscrete with sampling "lcm" keeps 50 σ's (timesteps 19, 39, …, 999); hyper_sd_1step then
+    starts at that model's own σ(800), as ByteDance's node reads it, and is unchanged on the 1000-entry table."""
+    (lcm_model,) = host.run("ModelSamplingDiscrete", model=host.model, sampling="lcm", zsnr=False)
+    ms = lcm_model.get_model_object("model_sampling")
+    assert len(ms.sigmas) == 50
+    # Independent: 800 lies 1/20 of the way from timestep 799 to 819 (table entries 39 and 40), log-linear in σ.
+    expected = math.exp(0.95 * math.log(float(SIGMA_TABLE[799])) + 0.05 * math.log(float(SIGMA_TABLE[819])))
+    own = float(ms.sigma(torch.tensor([800]))[0])  # what the reference node computes
+    assert math.isclose(own, expected, rel_tol=1e-5)
+    via_dropdown = host.comfy.samplers.calculate_sigmas(ms, "hyper_sd_1step", 1)
+    (via_node,) = host.run("FewStepHyperSD1StepScheduler", model=lcm_model, steps=1, denoise=1.0)
+    for sigmas in (via_dropdown, via_node):
+        assert sigmas.tolist() == [own, 0.0]
+    (two,) = host.run("FewStepHyperSD1StepScheduler", model=lcm_model, steps=2, denoise=1.0)
+    assert two.tolist() == [own, float(ms.sigma(torch.tensor([400]))[0]), 0.0]
+    (guider,) = host.run("BasicGuider", model=lcm_model, conditioning=host.positive)
+    (noise,) = host.run("RandomNoise", noise_seed=5)
+    out, _ = host.run("SamplerCustomAdvanced", noise=noise, guider=guider, sampler=host.sampler_node("tcd"),
+                      sigmas=via_node, latent_image=host.latent())
+    assert_sane(out["samples"], (1, 4, 8, 8))
+    # The 1000-entry table: still its own entry 800, bit for bit.
+    plain = host.model.get_model_object("model_sampling")
+    assert torch.equal(host.comfy.samplers.calculate_sigmas(plain, "hyper_sd_1step", 1),
+                       torch.cat([plain.sigmas[800:801], torch.zeros(1)]).cpu())
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Schedule preview.
 
