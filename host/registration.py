@@ -7,7 +7,7 @@ idempotent, and it leaves alone a name another pack registered first. Also hooks
 
 Another pack may also register one of our names after us (ComfyUI loads custom nodes in directory-listing
 order): licyk/ComfyUI-TCD-Sampler, for one, sets comfy.k_diffusion.sampling.sample_tcd to its own sampler and
-appends "tcd" to SAMPLER_NAMES unconditionally. check_foreign_overrides() finds that in either order: called at
+appends the name tcd to SAMPLER_NAMES unconditionally. check_foreign_overrides() finds that in either order: called at
 our registration and, through the server's on-prompt hook, on every prompt (so after every pack has loaded).
 It logs once per name what the dropdown entry now runs and which of our nodes runs ours, and removes a second
 copy of one of our names from the dropdown lists. Our nodes never go through the dropdown registry: they call
@@ -26,15 +26,7 @@ from ..schedulers.registry import SCHEDULERS
 
 log = logging.getLogger("fewstep")
 
-# The node of ours that runs each dropdown name's function (display name, node id): what a warning points to.
-OWN_NODES = {
-    ("sampler", "pcm"): ("PCM Sampler (deterministic)", "FewStepPCMSampler"),
-    ("sampler", "tcd"): ("TCD Sampler (gamma)", "FewStepTCDSampler"),
-    ("sampler", "ctm_gamma"): ("CTM Gamma Sampler", "FewStepCTMGammaSampler"),
-    ("scheduler", "pcm"): ("PCM Scheduler (phased)", "FewStepPCMScheduler"),
-    ("scheduler", "lcm"): ("LCM / TCD Grid Scheduler", "FewStepLCMScheduler"),
-    ("scheduler", "hyper_sd_1step"): ("Hyper-SD 1-Step Scheduler", "FewStepHyperSD1StepScheduler"),
-}
+_node_titles = {}  # node id -> display name, of the node classes register_all was given: what warnings call them
 
 _told = set()  # (kind, name, foreign function) already logged: each is said once per process
 
@@ -91,6 +83,9 @@ def register_prompt_checks(node_classes):
 
 
 def register_all(node_classes=()):
+    for cls in node_classes:
+        schema = cls.define_schema()
+        _node_titles[schema.node_id] = schema.display_name
     register_samplers()
     register_schedulers()
     register_prompt_checks(node_classes)
@@ -118,10 +113,11 @@ def check_foreign_overrides():
 
 
 def foreign_override_message(kind, name, function):
-    label, node_id = OWN_NODES[(kind, name)]
+    node_id = (SAMPLERS if kind == "sampler" else SCHEDULERS)[name].node
     return (f"fewstep: the {kind} '{name}' in KSampler's dropdowns runs {describe_function(function)}, "
-            f"another custom node pack's, not fewstep's. For fewstep's, use the node '{label}' ({node_id}) "
-            "with SamplerCustom or SamplerCustomAdvanced; fewstep's own nodes always run fewstep's.")
+            f"another custom node pack's, not fewstep's. For fewstep's, use the node "
+            f"'{_node_titles.get(node_id, node_id)}' ({node_id}) with SamplerCustom or SamplerCustomAdvanced; "
+            "fewstep's own nodes always run fewstep's.")
 
 
 def describe_function(function):

@@ -18,6 +18,7 @@ from .pcm import sample_pcm
 class DropdownSampler:
     function: Callable  # k-diffusion signature: (model, x, sigmas, extra_args, callback, disable, **options)
     options: Mapping    # keyword options of the dropdown entry (= the function's defaults)
+    node: str           # id of the pack's SAMPLER node that runs this function (never through the dropdown)
 
     def describe(self):
         """The options as README and notes write them: "γ = 0.3" (empty for none)."""
@@ -27,7 +28,8 @@ class DropdownSampler:
 OPTION_SYMBOLS = {"gamma": "γ"}
 
 SAMPLERS = MappingProxyType({
-    "pcm": DropdownSampler(sample_pcm, MappingProxyType({})),
-    "tcd": DropdownSampler(tcd.sample_tcd, MappingProxyType({"gamma": tcd.DEFAULT_GAMMA})),
-    "ctm_gamma": DropdownSampler(ctm.sample_ctm_gamma, MappingProxyType({"gamma": ctm.DEFAULT_GAMMA})),
+    "pcm": DropdownSampler(sample_pcm, MappingProxyType({}), "FewStepPCMSampler"),
+    "tcd": DropdownSampler(tcd.sample_tcd, MappingProxyType({"gamma": tcd.DEFAULT_GAMMA}), "FewStepTCDSampler"),
+    "ctm_gamma": DropdownSampler(ctm.sample_ctm_gamma, MappingProxyType({"gamma": ctm.DEFAULT_GAMMA}),
+                                 "FewStepCTMGammaSampler"),
 })

@@ -19,14 +19,15 @@ class DropdownScheduler:
     function: Callable  # (model_sampling, steps, **defaults) -> σ's
     defaults: Mapping   # keyword defaults of the dropdown entry (= the function's)
     summary: str        # what the dropdown entry gives, as README says it
+    node: str           # id of the pack's SIGMAS node that computes the same schedule
 
 
 SCHEDULERS = MappingProxyType({
     "pcm": DropdownScheduler(pcm_sigmas, MappingProxyType({"phases": None, "ddim_steps": None, "end": "zero"}),
-                             "M = N phases, diffusers' trailing spacing"),
+                             "M = N phases, diffusers' trailing spacing", "FewStepPCMScheduler"),
     "lcm": DropdownScheduler(lcm_sigmas, MappingProxyType({"denoise": 1.0, "end": "zero",
                                                            "original_steps": ORIGINAL_STEPS}),
-                             f"the {ORIGINAL_STEPS}-point grid"),
+                             f"the {ORIGINAL_STEPS}-point grid", "FewStepLCMScheduler"),
     "hyper_sd_1step": DropdownScheduler(hyper_sd_1step_sigmas, MappingProxyType({"end": "zero"}),
-                                        f"from t = {HYPER_SD_START}"),
+                                        f"from t = {HYPER_SD_START}", "FewStepHyperSD1StepScheduler"),
 })

@@ -163,7 +163,11 @@ def test_the_check_runs_on_every_prompt_through_the_servers_hook(pack, comfy_hos
 
 def test_the_nodes_a_warning_names_exist_and_run_ours(pack, comfy_host, run_node):
     mappings = comfy_host.nodes.NODE_CLASS_MAPPINGS
-    for (kind, name), (label, node_id) in pack.registration.OWN_NODES.items():
-        assert mappings[node_id].define_schema().display_name == label, node_id
-    assert {n for k, n in pack.registration.OWN_NODES if k == "sampler"} == set(pack.samplers)
+    from fewstep.samplers.registry import SAMPLERS
+    from fewstep.schedulers.registry import SCHEDULERS
+
+    for kind, table in (("sampler", SAMPLERS), ("scheduler", SCHEDULERS)):
+        for name, entry in table.items():
+            label = mappings[entry.node].define_schema().display_name
+            assert f"'{label}' ({entry.node})" in pack.registration.foreign_override_message(kind, name, print)
     assert_our_nodes_run_ours(pack, run_node)
