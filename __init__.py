@@ -18,7 +18,9 @@ def __getattr__(name):
 
 async def comfy_entrypoint():
     from .nodes import FewStepExtension
+    from .host.output_files import sweep_at_startup
     from .host.registration import register_all
 
     register_all()
+    sweep_at_startup()  # temporary files of trainings killed mid-save (host/output_files.py)
     return FewStepExtension()
