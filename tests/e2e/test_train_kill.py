@@ -82,23 +82,23 @@ def test_sigkill_inside_saves_leaves_nothing_and_resume_stays_exact(workspace):
     live = out / f"{output_files.TEMP_PREFIX}0000live-other_name.safetensors"  # a concurrent training's, locked
     with open(live, "wb") as holder:
         fcntl.flock(holder.fileno(), fcntl.LOCK_EX)
-        for kill in KILL_CHAIN:
-            run = start(workspace, out / LORA, report, kill)
-            assert run.returncode == -9, (kill, run.returncode, run.stderr[-3000:])  # died there, by SIGKILL
+        runs = [start(workspace, out / LORA, report, kill) for kill in KILL_CHAIN]
         last = start(workspace, out / LORA, report)
-        assert last.returncode == 0, last.stderr[-3000:]
         assert live.exists()
     assert foreign.read_bytes() == b"another program's temporary file"
 
-    starts = [json.loads(line) for line in report.read_text().splitlines()]
-    assert len(starts) == len(KILL_CHAIN)  # every start but the one killed in its repair
+    starts = [json.loads(line) for line in report.read_text().splitlines()]  # checked first: they say the most
     planted = {foreign.name, live.name}
     assert set(starts[0]["files"]) == planted  # the first start: nothing of ours yet
     for i, seen in enumerate(starts[1:], 1):  # each start after a kill, once swept and repaired
         assert set(seen["files"]) == planted | {LORA, STATE}, (i, seen)  # no temporary file of ours left
         assert seen["lora_step"] == seen["state_step"], (i, seen)
         assert seen["lora_hash"] == seen["recorded_hash"] is not None, (i, seen)
+    assert len(starts) == len(KILL_CHAIN)  # every start but the one killed in its repair
     assert [s["state_step"] for s in starts[1:]] == [str(step) for step in REPORTED]
+    for kill, run in zip(KILL_CHAIN, runs):
+        assert run.returncode == -9, (kill, run.returncode, run.stderr[-3000:])  # died there, by SIGKILL
+    assert last.returncode == 0, last.stderr[-3000:]
 
     assert output_files.sweep(out, out) == 1  # the other training's writer is gone now: its file goes
     assert sorted(p.name for p in out.rglob("*")) == sorted([foreign.name, LORA, STATE])
