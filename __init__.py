@@ -17,8 +17,10 @@ def __getattr__(name):
 
 
 async def comfy_entrypoint():
+    from .host.output_files import sweep_at_startup
     from .host.registration import register_all
     from .nodes import NODES, FewStepExtension
 
     register_all(NODES)
+    sweep_at_startup()  # temporary files of trainings killed mid-save (host/output_files.py)
     return FewStepExtension()

@@ -3,7 +3,8 @@
 Shared by the training node and the headless CLI (`python -m fewstep.distill`). The LoRA branches are hooked
 onto the teacher's own modules for the duration of the job (one copy of the base weights) and removed after,
 whatever happens. Files: the LoRA under models/loras (written atomically, with the trainer metadata the loader
-turns into a preset) and a resumable training state beside it in the output directory.
+turns into a preset) and a resumable training state beside it in the output directory; host/output_files.py keeps
+them inside their roots, off files the trainer did not write, clean after a kill, and in step with each other.
 """
 import dataclasses
 import gc
@@ -16,10 +17,11 @@ import torch
 
 from ..distill.adversarial import AdversarialTerm, HookedFeatures
 from ..distill.engine import DistillConfig, DistillDiverged, Distiller, GradientCheckpointing, LatentData
-from ..distill.io import load_safetensors, save_safetensors_atomic
+from ..distill.io import load_safetensors
 from ..distill.lora import LoraSet
 from ..loras import presets
 from ..version import __version__
+from .output_files import TrainingFiles
 from .training_model import TrainingModel
 
 log = logging.getLogger("fewstep")
@@ -49,6 +51,8 @@ class TrainJob:
     validate: Optional[Callable] = None   # validate(step) with the LoRA live on the model
     writer: bool = True                   # data-parallel runs: only rank 0 writes files
     virtual_ranks: int = 1                # compute that many data-parallel ranks in this process (checks)
+    lora_root: Optional[pathlib.Path] = None   # the LoRA stays inside it (node: models/loras; default: its folder)
+    state_root: Optional[pathlib.Path] = None  # the state stays inside it (node: output/; default: its folder)
 
 
 @dataclasses.dataclass
@@ -95,6 +99,9 @@ def run(job: TrainJob) -> TrainResult:
     import comfy.model_management as mm
 
     config = dataclasses.replace(job.config)
+    files = TrainingFiles(job.lora_path, job.state_path, job.lora_root, job.state_root)
+    if job.writer:
+        files.prepare()  # before anything is loaded: refuse bad destinations, sweep, repair a lagging LoRA
     teacher = TrainingModel(job.model)
     model_sampling = teacher.model_sampling()  # refuses the sampling types the engine cannot train, with the reason
     config.check(len(job.latents))
@@ -123,7 +130,7 @@ def run(job: TrainJob) -> TrainResult:
                 distiller.load_state(*load_safetensors(job.state_path))
                 resumed_from = distiller.step
                 log.info("fewstep: resumed %s at step %d", job.state_path, resumed_from)
-            return _loop(job, config, distiller, lora, arch, resumed_from)
+            return _loop(job, files, config, distiller, lora, arch, resumed_from)
         except BaseException as error:
             if _is_oom(error) and not isinstance(error, (TrainingInterrupted, DistillDiverged)):
                 distiller = None
@@ -139,33 +146,31 @@ def run(job: TrainJob) -> TrainResult:
             lora.remove()
 
 
-def _save(job, distiller, lora, config, arch):
+def _save(job, files, distiller, lora, config, arch):
     if not job.writer:
         return
     tensors, meta = distiller.state()
-    save_safetensors_atomic(tensors, job.state_path, meta)
-    save_safetensors_atomic(lora.lora_state_dict(), job.lora_path,
-                            lora_metadata(config, arch, distiller.step, job.rank, job.alpha))
+    files.save(tensors, meta, lora.lora_state_dict(), lora_metadata(config, arch, distiller.step, job.rank, job.alpha))
 
 
-def _one_step(job, config, distiller, lora, arch, started, first):
+def _one_step(job, files, config, distiller, lora, arch, started, first):
     try:
         loss = distiller.train_step()
     except DistillDiverged as error:
-        _save(job, distiller, lora, config, arch)  # the optimiser did not step: these are the last good weights
+        _save(job, files, distiller, lora, config, arch)  # the optimiser did not step: these are the last good weights
         raise DistillDiverged(f"{error} Saved the last good state ({job.lora_path.name}, step {distiller.step}).") \
             from None
     eta = (time.monotonic() - started) / (distiller.step - first) * (config.steps - distiller.step)
     job.progress(distiller.step, config.steps, loss, eta)
     if job.save_every and distiller.step % job.save_every == 0 and distiller.step < config.steps:
-        _save(job, distiller, lora, config, arch)
+        _save(job, files, distiller, lora, config, arch)
     if job.validate is not None and job.validate_every and distiller.step % job.validate_every == 0 \
             and distiller.step < config.steps:
         with torch.no_grad():
             job.validate(distiller.step)
 
 
-def _loop(job, config, distiller, lora, arch, resumed_from):
+def _loop(job, files, config, distiller, lora, arch, resumed_from):
     from comfy.model_management import InterruptProcessingException
 
     started, first = time.monotonic(), distiller.step
@@ -173,13 +178,13 @@ def _loop(job, config, distiller, lora, arch, resumed_from):
         try:
             if job.interrupted():
                 raise InterruptProcessingException()
-            _one_step(job, config, distiller, lora, arch, started, first)
+            _one_step(job, files, config, distiller, lora, arch, started, first)
         except InterruptProcessingException:
             # Cancel: ComfyUI raises it from inside any layer's forward (comfy.ops) or the progress hook; the
             # interrupted step has changed nothing (the engine puts its draws back), so this state resumes exactly.
-            _save(job, distiller, lora, config, arch)
+            _save(job, files, distiller, lora, config, arch)
             raise TrainingInterrupted(f"Training cancelled at step {distiller.step} of {config.steps}; the LoRA so far "
                                       f"is {job.lora_path.name} and resume = true continues from here.") from None
-    _save(job, distiller, lora, config, arch)
+    _save(job, files, distiller, lora, config, arch)
     return TrainResult(job.lora_path, job.state_path, list(distiller.losses), distiller.step, resumed_from,
                        lora_metadata(config, arch, distiller.step, job.rank, job.alpha))

@@ -18,6 +18,7 @@ from comfy_api.latest import io
 from ..distill.engine import CFG_MODES, MAX_GUIDANCE_W, PRECISIONS, DistillConfig, DistillDiverged
 from ..distill.lora import DEFAULT_ALPHA, DEFAULT_RANK
 from ..host.input_checks import check_values
+from ..host.output_files import refuse_foreign_lora, write_atomic
 from ..host.training_model import TrainingModel, encode_prompts
 from ..host.training_job import TrainingInterrupted, TrainJob, run
 from ..samplers import sample_pcm
@@ -180,7 +181,7 @@ class FewStepPCMDistill(io.ComfyNode):
     def validate_inputs(cls, output_name=None):
         if isinstance(output_name, str):
             try:
-                _lora_output_path(output_name)
+                refuse_foreign_lora(_lora_output_path(output_name))  # a file not written by the trainer stays
             except ValueError as error:
                 return str(error)
         return True
@@ -226,7 +227,7 @@ class FewStepPCMDistill(io.ComfyNode):
         node_id = cls.hidden.unique_id if cls.hidden is not None else None
         bar = comfy.utils.ProgressBar(steps)
         validation_cfg = 1.0 if cfg_mode == "small" else 3.0
-        val_dir = state_path.parent
+        val_dir, output_root = state_path.parent, pathlib.Path(folder_paths.get_output_directory())
 
         def progress(step, total, loss, eta):
             bar.update_absolute(step, total)  # the server's hook raises on Cancel; the job saves before it stops
@@ -241,13 +242,14 @@ class FewStepPCMDistill(io.ComfyNode):
         def validate(step):
             images = _validation_images(model, positive[0], negative, (1,) + tuple(samples.shape[1:]), phases,
                                         ddim_timesteps, validation_cfg, seed, vae)
-            _save_png(images, val_dir / f"validation_step{step:06d}.png")
+            _save_png(images, val_dir / f"validation_step{step:06d}.png", output_root)
 
         job = TrainJob(model=model, latents=samples, positive=positive, negative=negative, config=config, rank=rank,
                        alpha=alpha, lora_path=lora_path, state_path=state_path,
                        gradient_checkpointing=gradient_checkpointing, save_every=save_every,
                        validate_every=validate_every, resume=resume, progress=progress,
-                       interrupted=comfy.model_management.processing_interrupted, validate=validate)
+                       interrupted=comfy.model_management.processing_interrupted, validate=validate,
+                       lora_root=_loras_root(), state_root=output_root)
         try:
             result = run(job)
         except TrainingInterrupted as stop:
@@ -298,12 +300,15 @@ def _server():
         return None
 
 
-def _save_png(images, path):
+def _save_png(images, path, root):
+    import io as _io
+
     from PIL import Image
 
-    path.parent.mkdir(parents=True, exist_ok=True)
     strip = (images.clamp(0, 1).numpy() * 255).round().astype(np.uint8)
-    Image.fromarray(np.concatenate(list(strip), axis=1)).save(path)
+    png = _io.BytesIO()
+    Image.fromarray(np.concatenate(list(strip), axis=1)).save(png, format="PNG")
+    write_atomic(root, path, png.getvalue())  # inside output/, as the state beside it
 
 
 NODES = [FewStepPCMDistill]
