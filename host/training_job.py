@@ -157,6 +157,8 @@ def _one_step(job, files, config, distiller, lora, arch, started, first):
     try:
         loss = distiller.train_step()
     except DistillDiverged as error:
+        if distiller.step == 0:  # nothing trained yet: a LoRA of the initial weights would only mislead
+            raise DistillDiverged(f"{error} Nothing was trained, so no LoRA was written.") from None
         _save(job, files, distiller, lora, config, arch)  # the optimiser did not step: these are the last good weights
         raise DistillDiverged(f"{error} Saved the last good state ({job.lora_path.name}, step {distiller.step}).") \
             from None

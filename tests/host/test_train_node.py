@@ -189,6 +189,17 @@ def test_bad_inputs_are_refused_with_the_reason(comfy_host, run_node, tiny_model
     assert not lora_file(comfy_host, "t_bad").exists()
 
 
+def test_a_run_that_diverges_at_once_writes_no_lora(comfy_host, run_node, tiny_models, data):
+    """Saving "the last good weights" of a run that never stepped would put an untrained, all-zero LoRA into
+    models/loras under the user's name."""
+    latents, positive, empty = data
+    poisoned = {"samples": latents["samples"].clone()}
+    poisoned["samples"][:, :, 0, 0] = float("nan")
+    with pytest.raises(RuntimeError, match="Nothing was trained, so no LoRA was written"):
+        train(run_node, tiny_models.model, poisoned, positive, empty, "t_diverged")
+    assert not lora_file(comfy_host, "t_diverged").exists()
+
+
 def test_validate_inputs_names_the_problem(comfy_host):
     cls = comfy_host.nodes.NODE_CLASS_MAPPINGS[NODE]
     assert "cannot exceed ddim_timesteps" in cls.cross_checks({"phases": 8, "ddim_timesteps": 4})["phases"]
