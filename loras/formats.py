@@ -127,19 +127,42 @@ def read_safetensors_header(path: str) -> dict:
         raise LoraFileError(f"{name} has a corrupt safetensors header ({e.__class__.__name__}). Download it again.") from None
     if not isinstance(header, dict):
         raise LoraFileError(f"{name} has a corrupt safetensors header (not a JSON object). Download it again.")
+    metadata = header.get("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise LoraFileError(f"{name} has corrupt metadata (safetensors metadata is text keys and text values). "
+                            "Download it again, or re-save it with a current safetensors tool.")
     data_len = size - 8 - header_len
+    spans = []
     for key, info in header.items():
         if key == "__metadata__":
             continue
         try:
             begin, end = info["data_offsets"]
-            n_bytes = math.prod(info["shape"]) * _SAFETENSORS_DTYPE_BYTES[info["dtype"]]
+            shape = info["shape"]
+            if not all(_is_count(v) for v in (begin, end, *shape)):
+                raise TypeError
+            n_bytes = math.prod(shape) * _SAFETENSORS_DTYPE_BYTES[info["dtype"]]
         except (KeyError, TypeError, ValueError):
             raise LoraFileError(f"{name}: tensor {key!r} has a corrupt header entry. Download the file again.") from None
         if not (0 <= begin <= end <= data_len) or end - begin != n_bytes:
             raise LoraFileError(f"{name}: tensor {key!r} lies outside the file ({end} > {data_len} data bytes): the "
                                 "file is truncated or corrupt. Download it again.")
+        spans.append((begin, end, key))
+    # The format stores the tensors back to back: any overlap or gap means a damaged or crafted file.
+    position = 0
+    for begin, end, key in sorted(spans):
+        if begin != position:
+            raise LoraFileError(f"{name}: tensor {key!r} {'overlaps another' if begin < position else 'leaves a gap'} "
+                                "in the data: the file is corrupt. Download it again.")
+        position = end
+    if position != data_len:
+        raise LoraFileError(f"{name} has {data_len - position} bytes after its last tensor: the file is corrupt or "
+                            "was appended to. Download it again.")
     return header
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def read_lora_file(path: str):
