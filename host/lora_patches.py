@@ -13,11 +13,12 @@ from dataclasses import dataclass, field
 
 import comfy.lora
 import comfy.model_base
+import comfy.patcher_extension
 import comfy.utils
 from comfy.weight_adapter import LoRAAdapter
 
 from ..loras.architectures import CONTEXT_DIM_ARCHS, FLUX, SD2, SD3, SD15, SDXL, arch_fits, arch_label
-from ..loras.formats import LoraFileError, module_aliases
+from ..loras.formats import LoraFileError, module_aliases, refuse_non_finite
 
 log = logging.getLogger("fewstep")
 
@@ -162,14 +163,25 @@ def _text_encoder_names(parsed) -> set:
     return {m.name for m in parsed.modules if m.name.startswith(_TEXT_ENCODER_PREFIXES)}
 
 
-def apply_lora(parsed, file_name, model, clip, strength_model, strength_clip):
-    """(model', clip', LoadReport): clones patched as core LoraLoader does; inputs untouched."""
+def apply_lora(parsed, file_name, model, clip, strength_model, strength_clip, values_checked=True):
+    """(model', clip', LoadReport): clones patched as core LoraLoader does; inputs untouched. values_checked=False:
+    the tensors' values were not read yet (read_lora_file(check_values=False)): the text encoder's are checked now,
+    the model's when sampling first loads the model (ValuesCheck)."""
     model_patches, clip_patches, report = build_patches(parsed, file_name, model, clip)
+    if not values_checked:
+        bad_scales = sorted(m.name for m in parsed.modules if not math.isfinite(m.scale))
+        if bad_scales:
+            raise LoraFileError(f"{file_name}: the alpha of {len(bad_scales)} layer(s) ({', '.join(bad_scales[:3])}) is "
+                                "NaN or Inf; it would turn every image black. The file is damaged.")
+        refuse_non_finite(_value_groups(clip_patches), file_name)
     new_model, new_clip = model, clip
     if model is not None and model_patches:
         new_model = model.clone()
         added = set(new_model.add_patches(model_patches, strength_model))
         _check_all_added(model_patches, added, file_name)
+        if not values_checked:
+            new_model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.PREPARE_SAMPLING, VALUES_CHECK_KEY,
+                                           ValuesCheck(file_name, _value_groups(model_patches)))
     if clip is not None and clip_patches:
         new_clip = clip.clone()
         added = set(new_clip.add_patches(clip_patches, strength_clip))
@@ -177,6 +189,31 @@ def apply_lora(parsed, file_name, model, clip, strength_model, strength_clip):
     if report.missed:
         log.warning("fewstep: %s: %d keys patch nothing: %s", file_name, len(report.missed), ", ".join(report.missed))
     return new_model, new_clip, report
+
+
+VALUES_CHECK_KEY = "fewstep.lora_values"
+
+
+class ValuesCheck:
+    """The NaN/Inf check of a LoRA's model tensors, as a PREPARE_SAMPLING wrapper: it runs once, when sampling first
+    loads the patched model and before any weight is patched, and refuses to sample a LoRA that would turn every
+    image black. Not at load time: the tensors are memory-mapped and core reads them only when it patches, so
+    reading all of them up front cost the loader more than everything else it does (bench/lora_load.py)."""
+
+    def __init__(self, file_name, groups):
+        self.file_name, self.groups = file_name, groups
+
+    def __call__(self, executor, *args, **kwargs):
+        if self.groups is not None:
+            refuse_non_finite(self.groups, self.file_name)
+            self.groups = None  # checked: clones of the model share this wrapper, and sample again
+        return executor(*args, **kwargs)
+
+
+def _value_groups(patches):
+    """{layer name: [up, down, mid]} of LoRAAdapter patches (named by the layer's first file key)."""
+    return {min(adapter.loaded_keys): [adapter.weights[0], adapter.weights[1], adapter.weights[3]]
+            for adapter in patches.values()}
 
 
 def _check_all_added(patches, added, file_name):

@@ -165,8 +165,9 @@ def _is_count(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
-def read_lora_file(path: str):
-    """(tensors, metadata) of a checked safetensors LoRA; refuses NaN/Inf values, naming the tensors."""
+def read_lora_file(path: str, check_values: bool = True):
+    """(tensors, metadata) of a checked safetensors LoRA; refuses NaN/Inf values, naming the tensors. check_values=False
+    leaves the values unread (the tensors are memory-mapped): the caller checks them later with refuse_non_finite."""
     from safetensors.torch import load_file
 
     check_lora_path(path)
@@ -178,12 +179,20 @@ def read_lora_file(path: str):
     if problem:
         raise LoraFileError(problem)
     tensors = load_file(path, device="cpu")
-    bad = [k for k, t in tensors.items() if t.is_floating_point() and not _all_finite(t)]
+    if check_values:
+        refuse_non_finite({k: [t] for k, t in tensors.items()}, os.path.basename(path))
+    return tensors, metadata
+
+
+def refuse_non_finite(groups: dict, file_name: str) -> None:
+    """LoraFileError naming the groups (name -> tensors: a tensor key, or a layer with its up/down/mid) that hold a
+    NaN or Inf value."""
+    bad = [name for name, tensors in groups.items()
+           if any(t is not None and t.is_floating_point() and not _all_finite(t) for t in tensors)]
     if bad:
         shown = ", ".join(sorted(bad)[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
-        raise LoraFileError(f"{os.path.basename(path)} contains NaN or Inf values in {len(bad)} tensor(s) ({shown}); "
+        raise LoraFileError(f"{file_name} contains NaN or Inf values in {len(bad)} tensor(s) ({shown}); "
                             "it would turn every image black. The training run diverged or the file is damaged.")
-    return tensors, metadata
 
 
 # Sum accumulators that no finite value of the type can overflow: |float16| <= 65504 would need 5e33 values to

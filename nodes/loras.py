@@ -54,7 +54,7 @@ def _load_lora_file(path: str):
     hit = _cache.get(path)
     if hit is not None and hit[:2] == (stat.st_mtime_ns, stat.st_size):
         return hit[2], hit[3]
-    tensors, metadata = read_lora_file(path)
+    tensors, metadata = read_lora_file(path, check_values=False)  # apply_lora(values_checked=False) checks them
     _cache.clear()
     _cache[path] = (stat.st_mtime_ns, stat.st_size, tensors, metadata)
     return tensors, metadata
@@ -122,7 +122,8 @@ class FewStepLoraLoader(io.ComfyNode):
         parsed = parse_lora(tensors, metadata)
         preset = preset_table.preset_for(lora_name, metadata, parsed.base_arch, max(parsed.ranks, default=None))
         strength = preset.strength if use_recommended_strength else strength_model
-        new_model, new_clip, report = apply_lora(parsed, os.path.basename(lora_name), model, clip, strength, strength_clip)
+        new_model, new_clip, report = apply_lora(parsed, os.path.basename(lora_name), model, clip, strength, strength_clip,
+                                                 values_checked=False)
         summary = f"{report.line()}; model strength {strength:g}. {preset.message}"
         log.info("fewstep: %s", summary)
         return io.NodeOutput(new_model, new_clip, preset, summary)
