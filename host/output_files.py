@@ -35,6 +35,7 @@ import json
 import logging
 import os
 import pathlib
+import re
 import secrets
 import struct
 from typing import Optional
@@ -310,10 +311,19 @@ def _write_by_path(root, path, data, foreign):
 
 # -- sweeping -------------------------------------------------------------------------------------------------
 
+# What fewstep 0.x before the locked temporary files left (tempfile.mkstemp(prefix=".tmp-" + name + "-",
+# suffix=".part") in distill/io.py): no lock, so a match is swept as the remains of a killed save.
+_LEGACY_TEMP = re.compile(r"^\.tmp-.+\.safetensors-[a-z0-9_]{8}\.part$")
+
+
+def is_temp_name(name) -> bool:
+    return name.startswith(TEMP_PREFIX) or bool(_LEGACY_TEMP.match(name))
+
+
 def _sweep_fd(folder) -> int:
     removed = 0
     for name in os.listdir(folder):
-        if not name.startswith(TEMP_PREFIX):
+        if not is_temp_name(name):
             continue
         try:
             fd = os.open(name, os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC, dir_fd=folder)
@@ -337,7 +347,7 @@ def sweep(root, folder) -> int:
     if not _DIR_FD:
         removed = 0
         for entry in (folder.iterdir() if folder.is_dir() else ()):
-            if entry.name.startswith(TEMP_PREFIX):
+            if is_temp_name(entry.name):
                 try:
                     entry.unlink()  # Windows refuses while the writer has it open
                     removed += 1
@@ -360,7 +370,7 @@ def sweep_tree(root) -> int:
     """`sweep` every folder below `root` (links not followed)."""
     removed = 0
     for here, _, names in os.walk(root):
-        if any(n.startswith(TEMP_PREFIX) for n in names):
+        if any(is_temp_name(n) for n in names):
             removed += sweep(root, here)
     return removed
 

@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import logging
-import os
 import pathlib
 import re
+import tempfile
 
 import comfy.model_management
 import comfy.sample
@@ -61,9 +61,8 @@ def _lora_output_path(output_name: str) -> pathlib.Path:
 def _check_writable(folder: pathlib.Path):
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".fewstep-write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
+        with tempfile.TemporaryFile(dir=folder):  # nameless where the OS allows (O_TMPFILE): a kill leaves nothing
+            pass
     except OSError as error:
         raise ValueError(f"Cannot write the LoRA into {folder} ({error.strerror or error}). Make the folder writable "
                          "or pick another output_name.") from None

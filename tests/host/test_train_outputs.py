@@ -167,6 +167,8 @@ def test_sweep_removes_only_our_temporary_files_whose_writer_is_gone(comfy_host,
 
     dead = tmp_path / f"{TEMP_PREFIX}00000000-a.safetensors"  # a killed writer's: nobody holds its lock
     dead.write_bytes(b"half")
+    legacy = tmp_path / ".tmp-mine.safetensors-k3x_9q2a.part"  # what a kill left before the locked temp files
+    legacy.write_bytes(b"half")
     live = tmp_path / f"{TEMP_PREFIX}11111111-b.safetensors"  # a concurrent training's, its writer alive
     others = [tmp_path / ".tmp-a.safetensors-x1y2.part", tmp_path / "mine.part"]  # not ours
     for other in others:
@@ -178,8 +180,8 @@ def test_sweep_removes_only_our_temporary_files_whose_writer_is_gone(comfy_host,
                               text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
-        assert sweep(tmp_path, tmp_path) == 1
-        assert not dead.exists() and live.exists() and all(o.read_bytes() == b"keep" for o in others)
+        assert sweep(tmp_path, tmp_path) == 2
+        assert not dead.exists() and not legacy.exists() and live.exists() and all(o.read_bytes() == b"keep" for o in others)
         assert target.read_bytes() == b"keep" and (tmp_path / f"{TEMP_PREFIX}22222222-link").is_symlink()
     finally:
         holder.stdin.close()
