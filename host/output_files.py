@@ -187,26 +187,23 @@ def _existing(name, folder_fd=None):
         os.close(fd)
 
 
-def _foreign_lora(path, exists, meta, why):
-    if not exists:
-        return None
-    if why is None and not all(key in meta for key in TRAINER_METADATA_KEYS):
-        why = "it has no fewstep trainer metadata"
-    if why is None:
-        return None
-    return (f"{path} already exists and was not written by the fewstep trainer ({why}); refusing to replace it. "
-            "Pick another output_name, or move that file away.")
+def _foreign(required_keys, what):
+    """A check for write_atomic: the message refusing to replace an existing file that lacks `required_keys` in its
+    metadata (or could not be read: `why`), else None."""
+    def check(path, exists, meta, why):
+        if not exists:
+            return None
+        if why is None and not all(key in meta for key in required_keys):
+            why = what
+        if why is None:
+            return None
+        return (f"{path} already exists and was not written by the fewstep trainer ({why}); refusing to replace it. "
+                "Pick another output_name, or move that file away.")
+    return check
 
 
-def _foreign_state(path, exists, meta, why):
-    if not exists:
-        return None
-    if why is None and not all(key in meta for key in STATE_KEYS):
-        why = "it is not a fewstep training state"
-    if why is None:
-        return None
-    return (f"{path} already exists and was not written by the fewstep trainer ({why}); refusing to replace it. "
-            "Pick another output_name, or move that file away.")
+_foreign_lora = _foreign(TRAINER_METADATA_KEYS, "it has no fewstep trainer metadata")
+_foreign_state = _foreign(STATE_KEYS, "it is not a fewstep training state")
 
 
 def refuse_foreign_lora(path) -> pathlib.Path:
