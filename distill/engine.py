@@ -7,6 +7,12 @@ through its forward process exactly as the samplers do (`samplers.forward_proces
 teacher is the same network with the LoRA off and the target is the student under stop-grad (or its EMA), so the
 base weights exist once in memory.
 
+`config.method` picks the target computation inside the one loop (distill/phased_loss.py): "pcm" (phases),
+"tcd" (an end point s drawn per sample below the teacher's next point), or "tscd" (Hyper-SD's stages: PCM with the
+first number of segments, then fewer segments with the previous stage's frozen LoRA as the solver). The TSCD stage
+schedule lives here: `_enter_stage` freezes the LoRA of the stage that ends, and the state records the stage and
+those frozen weights, so a run resumes exactly across stage boundaries.
+
 Every random draw (samples, grid indices, guidance w, noise, empty-prompt dropout) comes from one CPU
 generator seeded by `config.seed` and is made for the whole global batch, so a run is reproducible on any
 device and a data-parallel run (torch.distributed: each rank takes its slice of the global batch, gradients are
@@ -30,10 +36,13 @@ import torch.distributed as dist
 from ..samplers.forward_process import forward_noise
 from ..schedulers.pcm import check_phases
 from .lora import LoraSet
-from .phased_loss import pcm_samples, phased_distance, sample_phased_targets
+from .phased_loss import (jump_solver, pcm_samples, phased_distance, sample_phased_targets, sample_segment_targets,
+                          sample_tcd_targets)
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 CFG_MODES = ("small", "normal")
+METHODS = ("pcm", "tscd", "tcd")  # docs/algorithms.md: PCM, Hyper-SD's TSCD, TCD
+TSCD_SOLVERS = ("previous", "teacher")  # a later TSCD stage's solver: the previous stage's LoRA, or the CFG teacher
 MAX_GUIDANCE_W = 30.0  # teacher guidance w of the CFG-augmented mode: ComfyUI CFG 1 + w up to 31
 MAX_FP16_SKIPS = 20  # consecutive overflowing fp16 steps before the run is called diverged
 
@@ -65,6 +74,74 @@ class DistillConfig:
     adversarial_weight: float = 0.0  # weight of the adversarial G loss (reference 0.1); 0 = off
     seed: int = 0
     deterministic: bool = False     # torch.use_deterministic_algorithms during training
+    method: str = "pcm"             # "pcm" (phases above), "tscd" (the stages below) or "tcd" (any end point s)
+    tscd_segments: str = "8,4,2,1"  # tscd: segments per stage, each dividing the one before; stage 1 is PCM with
+                                    # phases = the first number
+    tscd_stage_steps: str = ""      # tscd: optimiser steps per stage ("250,250,250,250", summing to steps); "" splits
+                                    # steps evenly (earlier stages take the remainder)
+    tscd_solver: str = "previous"   # tscd, stages 2+: x_n from the previous stage's frozen LoRA ("previous") or the
+                                    # CFG teacher's DDIM step ("teacher": PCM with the fewer segments, from its weights)
+
+    def segments(self):
+        """The TSCD stages' segment counts, as integers (ValueError naming the setting when malformed)."""
+        try:
+            values = [int(v) for v in self.tscd_segments.replace(" ", "").split(",")]
+        except ValueError:
+            raise ValueError(f"tscd_segments must be a comma list of whole numbers such as 8,4,2,1, got "
+                             f"{self.tscd_segments!r}.") from None
+        return values
+
+    def stage_steps(self):
+        """Optimiser steps of each TSCD stage (a list as long as `segments()`)."""
+        stages = len(self.segments())
+        if not self.tscd_stage_steps.strip():
+            return [self.steps // stages + (1 if i < self.steps % stages else 0) for i in range(stages)]
+        try:
+            return [int(v) for v in self.tscd_stage_steps.replace(" ", "").split(",")]
+        except ValueError:
+            raise ValueError(f"tscd_stage_steps must be a comma list of whole numbers (steps per stage) or empty, "
+                             f"got {self.tscd_stage_steps!r}.") from None
+
+    def stage_at(self, step):
+        """The 0-based TSCD stage that trains optimiser step `step` + 1 (the last stage once training is over);
+        0 for the other methods."""
+        if self.method != "tscd":
+            return 0
+        end = 0
+        for stage, count in enumerate(self.stage_steps()):
+            end += count
+            if step < end:
+                return stage
+        return len(self.stage_steps()) - 1
+
+    def trained_segments(self, steps):
+        """Segments (phases) of the LoRA after `steps` optimiser steps: the stage that made those weights."""
+        if self.method == "tscd":
+            return self.segments()[self.stage_at(max(steps - 1, 0))]
+        return self.phases
+
+    def _check_tscd(self):
+        segments = self.segments()
+        if not segments or any(m < 1 for m in segments):
+            raise ValueError(f"tscd_segments must list at least one stage, each with at least 1 segment, got "
+                             f"{self.tscd_segments!r}.")
+        for m in segments:
+            check_phases(m, self.ddim_timesteps)
+        for before, now in zip(segments, segments[1:]):
+            if now >= before or before % now:
+                raise ValueError(f"tscd_segments must shrink, each dividing the one before (8,4,2,1), so that a stage's "
+                                 f"segment edges are edges of the stage before: {now} after {before} in "
+                                 f"{self.tscd_segments!r}.")
+        steps = self.stage_steps()
+        if len(steps) != len(segments) or any(n < 1 for n in steps):
+            raise ValueError(f"tscd_stage_steps needs one count of at least 1 per stage ({len(segments)} stages: "
+                             f"{self.tscd_segments}), got {self.tscd_stage_steps!r}; with it empty steps ({self.steps})"
+                             " are split evenly and must be at least the number of stages.")
+        if sum(steps) != self.steps:
+            raise ValueError(f"tscd_stage_steps ({self.tscd_stage_steps}) sum to {sum(steps)}, but steps is "
+                             f"{self.steps}: make them agree, or leave tscd_stage_steps empty.")
+        if self.tscd_solver not in TSCD_SOLVERS:
+            raise ValueError(f"tscd_solver must be one of {TSCD_SOLVERS}, got {self.tscd_solver!r}.")
 
     def check(self, num_samples=None, world_size=1, adversarial=None):
         """Raise a ValueError naming the bad setting and the fix; `adversarial`: whether a term was given."""
@@ -83,6 +160,10 @@ class DistillConfig:
         for name in ("steps", "batch_size", "grad_accumulation"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}.")
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}.")
+        if self.method == "tscd":
+            self._check_tscd()
         if self.cfg_mode not in CFG_MODES:
             raise ValueError(f"cfg_mode must be one of {CFG_MODES}, got {self.cfg_mode!r}.")
         if self.cfg_mode == "small" and not 0.0 <= self.w_min <= self.w_max:
@@ -178,6 +259,7 @@ class Draw:
     adv_offset: torch.Tensor = None      # adversarial term only: t' − e, uniform in 0 .. T/M − 1
     adv_noise_fake: torch.Tensor = None  # fresh noise carrying pred from σ_e to σ_t'
     adv_noise_real: torch.Tensor = None  # fresh noise carrying the target from σ_e to σ_t'
+    end_index: torch.Tensor = None       # TCD only: the end point's grid index i, uniform in 0..j
 
     def slice(self, start, stop):
         values = (getattr(self, f.name) for f in fields(self))
@@ -277,6 +359,8 @@ class Distiller:
         self.step = 0
         self.losses = []
         self.fp16_skips = 0
+        self.stage = 0          # TSCD: the stage set up (the frozen previous LoRA below is that of stage − 1)
+        self.previous = None    # TSCD, stages 2+ with the "previous" solver: the last stage's LoRA weights, frozen
 
     # ----- one optimiser step -----
     def draw(self):
@@ -288,12 +372,46 @@ class Distiller:
         noise = torch.randn((b,) + tuple(self.data.latents.shape[1:]), generator=g)
         empty = torch.rand(b, generator=g) < (c.empty_prompt_prob if c.cfg_mode == "normal" else 0.0)
         torch.rand(b, generator=g)  # once the flip draw: kept so that every seed draws what it always drew
-        if self.adversarial is None:
-            return Draw(index, grid_index, w.float(), noise, empty)
-        # after all other draws, so that the switch off consumes the generator exactly as before
-        offset = torch.randint(0, max(len(self.sigmas) // c.phases, 1), (b,), generator=g)
-        fake_noise, real_noise = torch.randn(noise.shape, generator=g), torch.randn(noise.shape, generator=g)
-        return Draw(index, grid_index, w.float(), noise, empty, offset, fake_noise, real_noise)
+        draw = Draw(index, grid_index, w.float(), noise, empty)
+        if self.adversarial is not None:
+            # after the draws above, so that the switch off consumes the generator exactly as before
+            draw.adv_offset = torch.randint(0, max(len(self.sigmas) // self._segments(), 1), (b,), generator=g)
+            draw.adv_noise_fake = torch.randn(noise.shape, generator=g)
+            draw.adv_noise_real = torch.randn(noise.shape, generator=g)
+        if c.method == "tcd":  # last: PCM and TSCD runs draw exactly what they always drew
+            draw.end_index = (torch.rand(b, generator=g, dtype=torch.float64) * (grid_index + 1)).floor().long()
+        return draw
+
+    def _segments(self):
+        """The number of segments the student jumps across now: PCM's phases, the TSCD stage's, TCD's K."""
+        c = self.config
+        return {"pcm": c.phases, "tcd": c.ddim_timesteps}.get(c.method) or c.segments()[self.stage]
+
+    def _enter_stage(self):
+        """TSCD: move to the stage of the next step; the stage that ends leaves its LoRA, frozen, as the solver."""
+        c = self.config
+        while self.stage < c.stage_at(self.step):
+            if c.tscd_solver == "previous":
+                self.previous = [p.detach().clone() for p in self.params]
+            self.stage += 1
+
+    def previous_stage(self, x, sigma, cond):
+        """The previous TSCD stage's student: the network with the frozen LoRA of that stage."""
+        with self._swapped_weights(self.previous):
+            return self.denoise(x, sigma, cond)
+
+    def _targets(self, mine):
+        c, n = self.config, len(self.sigmas)
+        if c.method == "tcd":
+            return sample_tcd_targets(mine.grid_index, mine.end_index, c.ddim_timesteps, n), None
+        if c.method == "pcm":
+            return sample_phased_targets(mine.grid_index, c.phases, c.ddim_timesteps, n), None
+        segments = c.segments()
+        if self.stage == 0 or c.tscd_solver == "teacher":  # PCM with this stage's segments, the CFG teacher's step
+            return sample_phased_targets(mine.grid_index, segments[self.stage], c.ddim_timesteps, n), None
+        targets = sample_segment_targets(mine.grid_index, segments[self.stage - 1], segments[self.stage],
+                                         c.ddim_timesteps, n)
+        return targets, jump_solver(self.previous_stage, self.model_sampling)
 
     def student(self, x, sigma, cond):
         return self.denoise(x, sigma, cond)
@@ -305,14 +423,15 @@ class Distiller:
     def target(self, x, sigma, cond):
         if self.ema is None:
             return self.denoise(x, sigma, cond)
-        with self._ema_weights():
+        with self._swapped_weights(self.ema):
             return self.denoise(x, sigma, cond)
 
     @contextlib.contextmanager
-    def _ema_weights(self):
+    def _swapped_weights(self, values):
+        """The LoRA with `values` (EMA, or the previous TSCD stage's) in place of its weights for the block."""
         saved = [p.detach().clone() for p in self.params]
         with torch.no_grad():
-            for p, e in zip(self.params, self.ema):
+            for p, e in zip(self.params, values):
                 p.copy_(e)
         try:
             yield
@@ -332,14 +451,14 @@ class Distiller:
         x0 = x0.to(self.device, self.dtype)
         cond, uncond = _to(cond, self.device), _to(uncond, self.device)
         guided = c.cfg_mode == "small" and c.w_max > 0
-        targets = sample_phased_targets(mine.grid_index, c.phases, c.ddim_timesteps, len(self.sigmas))
+        targets, solver = self._targets(mine)
         targets = type(targets)(*(t.to(self.device) for t in (targets.t, targets.t_next, targets.edge,
                                                                   targets.starts_phase)))
         autocast = PRECISIONS[c.precision]
         with torch.autocast(self.device.type, dtype=autocast, enabled=autocast is not None):
             samples = pcm_samples(self.student, self.teacher, self.model_sampling, x0, mine.noise.to(self.device), cond,
                                   uncond if guided else None, self.sigmas, targets, mine.w.to(self.device),
-                                  target_model=self.target)
+                                  target_model=self.target, solver=solver)
         loss = phased_distance(self.model_sampling, samples, c.huber_c).to(self.dtype).mean()
         if self.adversarial is not None:
             loss = loss + c.adversarial_weight * self._adversarial(mine, targets, samples, cond)
@@ -423,6 +542,7 @@ class Distiller:
         c, params = self.config, self._trained_params()
         for p in params:
             p.grad = None
+        self._enter_stage()
         rng = self.generator.get_state()
         try:
             with deterministic_algorithms(c.deterministic):
@@ -507,6 +627,10 @@ class Distiller:
         tensors["losses"] = torch.tensor(self.losses, dtype=torch.float64)
         meta = {"step": str(self.step), "config": self.config.to_json(), "fp16_skips": str(self.fp16_skips),
                 "scaler": json.dumps(self.scaler.state_dict() if self.scaler.is_enabled() else {})}
+        if self.config.method == "tscd":
+            meta["stage"] = str(self.stage)
+            if self.previous is not None:
+                tensors.update({f"previous.{i}": v.cpu().contiguous() for i, v in enumerate(self.previous)})
         if self.adversarial is not None:
             adv_tensors, adv_meta = self.adversarial.state()
             tensors.update(adv_tensors)
@@ -536,6 +660,7 @@ class Distiller:
                     self.optimizer.state[p] = state
             if self.ema is not None:
                 self.ema = [tensors[f"ema.{i}"].to(p.device) for i, p in enumerate(self.params)]
+        self._load_stage(tensors, meta)
         if self.adversarial is not None:
             self.adversarial.load_state(tensors, meta)
         self.generator.set_state(tensors["rng"])
@@ -545,3 +670,23 @@ class Distiller:
         scaler = json.loads(meta.get("scaler", "{}"))
         if scaler and self.scaler.is_enabled():
             self.scaler.load_state_dict(scaler)
+
+    def _load_stage(self, tensors, meta):
+        """TSCD: the saved stage and its frozen previous LoRA; the stage must be the one the schedule gives at the
+        saved step (or the one before, saved at the step that ends it)."""
+        c = self.config
+        if c.method != "tscd":
+            return
+        step, stage = int(meta["step"]), int(meta.get("stage", 0))
+        due = c.stage_at(step)
+        if stage not in (due, due - 1) or (stage == due - 1 and c.stage_at(step - 1) != stage):
+            raise ValueError(f"Cannot resume: the checkpoint is in TSCD stage {stage + 1} at step {step}, but the "
+                             f"stage schedule ({c.tscd_segments}, steps {c.stage_steps()}) puts step {step + 1} in "
+                             f"stage {due + 1}. Use the steps of the run that wrote it.")
+        previous = [tensors.get(f"previous.{i}") for i in range(len(self.params))]
+        needed = stage > 0 and c.tscd_solver == "previous"
+        if needed and any(v is None for v in previous):
+            raise ValueError(f"Cannot resume: the checkpoint is in TSCD stage {stage + 1} but lacks the previous "
+                             "stage's LoRA (previous.* tensors).")
+        self.stage = stage
+        self.previous = [v.to(p.device, p.dtype) for v, p in zip(previous, self.params)] if needed else None

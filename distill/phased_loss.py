@@ -15,6 +15,16 @@ M phases (docs/algorithms.md, "PCM: one training step"):
 Noising and DDIM moves are the samplers' (`samplers.forward_process`, through the model's `model_sampling`): a
 DDIM jump keeps x̂0 and the predicted noise ε̂ and puts them at σ'. The target model is the student under
 no_grad (the reference LoRA script has no EMA; the engine can swap EMA weights in).
+
+The same step serves the engine's other two methods (docs/algorithms.md, "TCD" and "Hyper-SD: TSCD"); only the
+timesteps and the solver that makes x_n change:
+
+    TCD   the edge is a per-sample end point s below t_n instead of a phase edge (`sample_tcd_targets`): the
+          student's DDIM jump to s is TCD's first-order semi-linear consistency function (its exponential-integrator
+          form σ_s/σ_t·x_t − α_s(e^{−h} − 1)·x̂0 with h = λ_s − λ_t, λ = log(α/σ), is exactly the DDIM jump).
+    TSCD  stage 1 is PCM with phases = the first number of segments; a later stage jumps to the edges of its fewer
+          segments, and x_n is the previous stage's student's jump from x_t to ITS segment edge
+          (`sample_segment_targets`, `jump_solver`), a skipping-step solver, so its edges must nest in the older ones.
 """
 from dataclasses import dataclass
 
@@ -48,6 +58,38 @@ def sample_phased_targets(index, phases, ddim_steps, num_train_timesteps=1000):
     return PhasedTargets(t, t_next, edge, index == start)
 
 
+def sample_tcd_targets(index, end_index, ddim_steps, num_train_timesteps=1000):
+    """TCD's timesteps: t = ddim_ts[j], t_n = t − T/K, and the end point s = ddim_ts[i] − T/K (clamped at 0) for
+    end indices i in 0..j (`end_index`; the engine draws i uniformly). i = j gives s = t_n (the teacher step alone)."""
+    if (end_index > index).any() or (end_index < 0).any():
+        raise ValueError("TCD end indices must lie in 0..j (s at or below the teacher's next point).")
+    grid = torch.tensor(ddim_timesteps(ddim_steps, num_train_timesteps))
+    stride = num_train_timesteps // ddim_steps
+    t = grid[index]
+    t_next = (t - stride).clamp_min(0)
+    end = (grid[end_index] - stride).clamp_min(0)
+    return PhasedTargets(t, t_next, end, end_index == index)
+
+
+def sample_segment_targets(index, previous_segments, segments, ddim_steps, num_train_timesteps=1000):
+    """A later TSCD stage's timesteps: t = ddim_ts[j], t_n = the previous stage's segment edge below t (where its
+    student jumps), edge = this stage's segment edge. The segments must divide the previous ones (nested edges)."""
+    if segments >= previous_segments or previous_segments % segments:
+        raise ValueError(f"TSCD segments must shrink by whole factors, each dividing the one before: {segments} "
+                         f"after {previous_segments}.")
+    before = sample_phased_targets(index, previous_segments, ddim_steps, num_train_timesteps)
+    now = sample_phased_targets(index, segments, ddim_steps, num_train_timesteps)
+    return PhasedTargets(now.t, before.edge, now.edge, before.edge == now.edge)
+
+
+def jump_solver(model, model_sampling):
+    """A solver that moves x from σ to σ_to by the DDIM jump with `model`'s D (a distilled student: no CFG, which
+    it learnt in); `solver(x, s, s_to, cond, uncond, w)` as `pcm_samples` calls it."""
+    def solve(x, s, s_to, cond, uncond, w):
+        return ddim_step(model_sampling, x, s, s_to, model(x, s.reshape(-1), cond))
+    return solve
+
+
 def teacher_step(teacher, model_sampling, x_t, s_t, s_n, cond, uncond, w):
     """The CFG-augmented teacher's DDIM (flow: Euler) step from σ_t to σ_n; uncond None = CFG solver off."""
     shape = (-1,) + (1,) * (x_t.ndim - 1)
@@ -64,18 +106,20 @@ class PhasedSamples:
 
 
 def pcm_samples(student, teacher, model_sampling, x0, noise, cond, uncond, sigmas, targets: PhasedTargets, w,
-                target_model=None) -> PhasedSamples:
+                target_model=None, solver=None) -> PhasedSamples:
     """pred and target of one phased consistency step (see the module docstring).
 
     sigmas: the model's σ table indexed by training timestep; w: per-sample guidance (ComfyUI cfg = 1 + w),
     w = 0 and uncond = None for the "normal CFG" mode (CFG solver off). Models get σ as a [B] tensor.
     target_model: the stop-grad model for the target jump (default: the student under no_grad).
+    solver: `solver(x_t, σ_t, σ_n, cond, uncond, w) -> x_n` (default: the CFG teacher's DDIM step, `teacher_step`).
     """
     shape = (-1,) + (1,) * (x0.ndim - 1)
     s_t, s_n, s_e = (sigmas[i].to(x0.dtype).reshape(shape) for i in (targets.t, targets.t_next, targets.edge))
     x_t = noised(model_sampling, x0, noise, s_t)
     with torch.no_grad():  # first, so that nothing (LoRA switch, EMA swap) changes between forward and backward
-        x_n = teacher_step(teacher, model_sampling, x_t, s_t, s_n, cond, uncond, w)
+        x_n = solver(x_t, s_t, s_n, cond, uncond, w) if solver is not None else \
+            teacher_step(teacher, model_sampling, x_t, s_t, s_n, cond, uncond, w)
         target = ddim_step(model_sampling, x_n, s_n, s_e, (target_model or student)(x_n, s_n.reshape(-1), cond))
         target = torch.where(targets.starts_phase.reshape(shape), x_n, target)
     pred = ddim_step(model_sampling, x_t, s_t, s_e, student(x_t, s_t.reshape(-1), cond))
@@ -91,7 +135,8 @@ def phased_distance(model_sampling, samples: PhasedSamples, huber_c=0.001):
 
 
 def pcm_loss(student, teacher, model_sampling, x0, noise, cond, uncond, sigmas, targets: PhasedTargets, w,
-             huber_c=0.001, target_model=None):
+             huber_c=0.001, target_model=None, solver=None):
     """Per-sample pseudo-Huber loss of one phased consistency step (`pcm_samples`, then `phased_distance`)."""
-    samples = pcm_samples(student, teacher, model_sampling, x0, noise, cond, uncond, sigmas, targets, w, target_model)
+    samples = pcm_samples(student, teacher, model_sampling, x0, noise, cond, uncond, sigmas, targets, w, target_model,
+                          solver)
     return phased_distance(model_sampling, samples, huber_c)
