@@ -200,8 +200,8 @@ def first_step_gradient(virtual_ranks, local_ranks=None, **overrides):
     return loss, torch.cat([p.grad.flatten() for p in distiller.params]), distiller.generator.get_state()
 
 
-@pytest.mark.parametrize("overrides", [{}, {"grad_accumulation": 2}, {"cfg_mode": "normal"}],
-                         ids=["plain", "accumulation", "normal-cfg"])
+@pytest.mark.parametrize("overrides", [{}, {"grad_accumulation": 2}, {"cfg_mode": "normal"}, {"method": "tcd"}],
+                         ids=["plain", "accumulation", "normal-cfg", "tcd"])
 @pytest.mark.parametrize("ranks", [2, 4])
 def test_data_parallel_ranks_give_the_global_batch_loss_and_gradient(ranks, overrides):
     """What data parallelism guarantees: N ranks' slices, all-reduced, are the global batch's loss and gradient."""

@@ -117,9 +117,10 @@ def test_tcd_and_tscd_with_the_exact_ode_solver_have_zero_loss():
     j = torch.arange(K)
     for before, now in [(8, 4), (4, 2), (2, 1)]:
         tg = sample_segment_targets(j, before, now, K)
-        previous = jump_solver(mapping_student(tg.t_next, exact_on_grid), VP)
+        old_edges = sample_phased_targets(j, before, K).edge  # where the previous stage's student jumps
+        previous = jump_solver(mapping_student(old_edges, exact_on_grid), VP)
         assert loss_of(tg, mapping_student(tg.edge, exact_on_grid), solver=previous).max() < 1e-12
-        wrong = jump_solver(mapping_student(tg.t_next, exact_on_grid, perturb=1e-2), VP)
+        wrong = jump_solver(mapping_student(old_edges, exact_on_grid, perturb=1e-2), VP)
         assert (loss_of(tg, mapping_student(tg.edge, exact_on_grid), solver=wrong)[tg.starts_phase] > 1e-4).all()
 
 
@@ -134,12 +135,13 @@ def test_tscd_every_stage_of_the_teacher_chain_has_zero_loss(segments):
     for before, now in zip(segments, segments[1:]):
         tg = sample_segment_targets(j, before, now, K)
         assert set(tg.edge.tolist()) <= set(tg.t_next.tolist()) and (tg.t_next < tg.t).all()
-        previous = jump_solver(mapping_student(tg.t_next, on_chain), VP)
+        old_edges = sample_phased_targets(j, before, K).edge  # the previous stage's student, made on its own edges
+        previous = jump_solver(mapping_student(old_edges, on_chain), VP)
         student = mapping_student(tg.edge, on_chain)
         assert loss_of(tg, student, solver=previous).max().item() < 1e-12
         off = loss_of(tg, mapping_student(tg.edge, on_chain, perturb=1e-2), solver=previous)
         assert (off[tg.starts_phase] > 1e-4).all()
-        wrong_previous = jump_solver(mapping_student(tg.t_next, on_chain, perturb=1e-2), VP)
+        wrong_previous = jump_solver(mapping_student(old_edges, on_chain, perturb=1e-2), VP)
         assert (loss_of(tg, student, solver=wrong_previous)[tg.starts_phase] > 1e-4).all()
         # the later stage never asks the teacher: a different teacher leaves the loss as it was
         other = lambda x, s, c, flow=False: teacher(x, s, c, flow) * 2.0 + 1.0  # noqa: E731
