@@ -115,10 +115,11 @@ class DistillConfig:
         return len(self.stage_steps()) - 1
 
     def trained_segments(self, steps):
-        """Segments (phases) of the LoRA after `steps` optimiser steps: the stage that made those weights."""
+        """Segments (phases) of the LoRA after `steps` optimiser steps: the stage that made those weights (TSCD),
+        the phases (PCM), 1 for TCD (it jumps to any end point: the unified preset)."""
         if self.method == "tscd":
             return self.segments()[self.stage_at(max(steps - 1, 0))]
-        return self.phases
+        return 1 if self.method == "tcd" else self.phases
 
     def _check_tscd(self):
         segments = self.segments()

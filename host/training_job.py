@@ -67,9 +67,13 @@ class TrainResult:
 
 def lora_metadata(config: DistillConfig, base_arch: str, steps: int, rank: int, alpha: float) -> dict:
     """The fewstep.* keys the Fast LoRA Loader reads back into a sampling preset (loras/presets.py)."""
+    method = config.method if config.method != "pcm" else ("lcm" if config.phases == 1 else "pcm")
+    tscd = {presets.META_STAGES: ",".join(map(str, config.segments())),
+            presets.META_STAGE: str(config.stage_at(max(steps - 1, 0)) + 1)} if config.method == "tscd" else {}
     return {
-        presets.META_METHOD: "lcm" if config.phases == 1 else "pcm",
-        presets.META_PHASES: str(config.phases),
+        presets.META_METHOD: method,
+        presets.META_PHASES: str(config.trained_segments(steps)),
+        **tscd,
         presets.META_DDIM_TIMESTEPS: str(config.ddim_timesteps),
         presets.META_CFG_MODE: config.cfg_mode,
         presets.META_W_MIN: repr(float(config.w_min)),

@@ -23,8 +23,10 @@ TABLE_PATH = Path(__file__).with_name("presets.json")
 
 # Metadata keys of files written by this pack's trainer (safetensors metadata values are strings).
 TRAINER_METADATA_PREFIX = "fewstep."
-META_METHOD = TRAINER_METADATA_PREFIX + "method"            # "pcm", or "lcm" for the one-phase baseline
-META_PHASES = TRAINER_METADATA_PREFIX + "phases"            # PCM phases M
+META_METHOD = TRAINER_METADATA_PREFIX + "method"            # "pcm" ("lcm": the one-phase baseline), "tcd", "tscd"
+META_PHASES = TRAINER_METADATA_PREFIX + "phases"            # PCM phases M (TSCD: the segments of the stage reached)
+META_STAGES = TRAINER_METADATA_PREFIX + "stages"            # TSCD: the segments of every stage, "8,4,2,1"
+META_STAGE = TRAINER_METADATA_PREFIX + "stage"              # TSCD: the stage that made the weights, 1-based
 META_DDIM_TIMESTEPS = TRAINER_METADATA_PREFIX + "ddim_timesteps"  # PCM DDIM grid size K
 META_CFG_MODE = TRAINER_METADATA_PREFIX + "cfg_mode"        # "small" (CFG-augmented teacher) or "normal"
 META_W_MIN = TRAINER_METADATA_PREFIX + "w_min"              # teacher guidance range (ComfyUI CFG = 1 + w)
@@ -34,7 +36,7 @@ META_STEPS_TRAINED = TRAINER_METADATA_PREFIX + "steps_trained"  # optimiser step
 META_VERSION = TRAINER_METADATA_PREFIX + "version"
 TRAINER_METADATA_KEYS = (
     META_METHOD, META_PHASES, META_DDIM_TIMESTEPS, META_CFG_MODE, META_W_MIN, META_W_MAX,
-    META_BASE_ARCH, META_STEPS_TRAINED, META_VERSION,
+    META_BASE_ARCH, META_STEPS_TRAINED, META_VERSION, META_STAGES, META_STAGE,
 )
 
 ARCHES = PRESET_ARCHS  # the architectures the table covers, of loras/architectures.py's vocabulary
@@ -243,8 +245,14 @@ def _check_trainer(rule, source_ids):
         _check_names(f"trainer method {method}", spec.get("sampler"), spec.get("scheduler"))
     for mode, spec in rule.get("cfg_modes", {}).items():
         _check_cfg(f"trainer cfg_mode {mode}", spec.get("cfg"), spec.get("negatives"))
-    if set(rule.get("methods", {})) != {"pcm", "lcm"} or set(rule.get("cfg_modes", {})) != {"small", "normal"}:
-        raise ValueError("preset table: 'trainer' needs methods pcm, lcm and cfg_modes small, normal.")
+    if set(rule.get("methods", {})) != {"pcm", "lcm", "tcd", "tscd"} or \
+            set(rule.get("cfg_modes", {})) != {"small", "normal"}:
+        raise ValueError("preset table: 'trainer' needs methods pcm, lcm, tcd, tscd and cfg_modes small, normal.")
+    for name, spec in [*rule["methods"].items(), ("unified", rule.get("unified") or {})]:
+        _check_names(f"trainer {name}", spec.get("sampler"), spec.get("scheduler"))
+        gamma = spec.get("gamma")
+        if (gamma is None) == (spec.get("sampler") == "tcd") or (gamma is not None and not 0 <= gamma <= 1):
+            raise ValueError(f"preset table: trainer {name} needs a gamma in [0, 1] exactly when its sampler is tcd.")
     if not _is_number(rule.get("strength")) or any(s not in source_ids for s in rule.get("sources", [])):
         raise ValueError("preset table: 'trainer' needs a numeric strength and known sources.")
     return rule
@@ -305,22 +313,47 @@ def preset_from_metadata(metadata):
     phases, ddim = _meta_phases(metadata, method)
     _meta_guidance(metadata, mode)
     spec, cfg_spec = rule["methods"][method], rule["cfg_modes"][mode]
+    stages = _meta_stages(metadata, phases) if method == "tscd" else None
+    variant = method
+    if method == "tscd" and phases == 1:  # ended on one segment: the unified LoRA, any step count with TCD
+        spec, variant = rule["unified"], "tscd_unified"
+    shape = f"{phases} phase{'s' * (phases != 1)}" if method != "tcd" else "any end point"
+    if stages:
+        shape = f"stages {stages}, {phases} segment{'s' * (phases != 1)}"
     cfg = cfg_spec["cfg"]
+    tcd = spec["sampler"] == "tcd"  # unified: any step count, no phase edges to follow
     preset = Preset(
-        preset_id=f"fewstep_{method}_{mode}cfg", family="fewstep", variant=f"{method}_{mode}cfg", base_arch=arch,
-        label=f"fewstep-trained {spec['label']} {arch_label(arch)} LoRA "
-              f"({phases} phase{'s' * (phases != 1)}, {cfg_spec['label']})",
+        preset_id=f"fewstep_{variant}_{mode}cfg", family="fewstep", variant=f"{variant}_{mode}cfg", base_arch=arch,
+        label=f"fewstep-trained {spec['label']} {arch_label(arch)} LoRA ({shape}, {cfg_spec['label']})",
         sampler=spec["sampler"], scheduler=spec["scheduler"], steps=spec["steps"] or phases,
-        cfg=float(cfg["default"]), cfg_min=float(cfg["min"]), cfg_max=float(cfg["max"]), gamma=None,
-        strength=float(rule["strength"]), negatives=cfg_spec["negatives"], shift=None, phases=phases,
-        ddim_timesteps=ddim, notes=_trainer_notes(metadata, mode, phases, ddim), source="metadata",
+        cfg=float(cfg["default"]), cfg_min=float(cfg["min"]), cfg_max=float(cfg["max"]),
+        gamma=float(spec["gamma"]) if spec.get("gamma") is not None else None,
+        strength=float(rule["strength"]), negatives=cfg_spec["negatives"], shift=None,
+        phases=None if tcd else phases, ddim_timesteps=None if tcd else ddim,
+        notes=_trainer_notes(metadata, mode, phases, None if tcd else ddim, spec.get("gamma")), source="metadata",
     )
     return replace(preset, message=_describe(preset, "from trainer metadata"))
 
 
+def _meta_stages(metadata, phases):
+    """TSCD's stage list ("8,4,2,1"), when written: whole numbers, each dividing the one before, holding `phases`."""
+    raw = str(metadata.get(META_STAGES, "")).strip()
+    if not raw:
+        return None
+    try:
+        stages = [int(v) for v in raw.split(",")]
+    except ValueError:
+        raise ValueError(f"{META_STAGES} is {raw!r}, not a comma list of whole numbers.") from None
+    if any(m < 1 for m in stages) or any(b <= a or b % a for b, a in zip(stages, stages[1:])) or phases not in stages:
+        raise ValueError(f"{META_STAGES} is {raw!r}: stages must shrink, each dividing the one before, and include "
+                         f"{META_PHASES} ({phases}).")
+    return ",".join(map(str, stages))
+
+
 def _meta_phases(metadata, method):
-    # The one-phase baseline has M = 1 whatever the file says; PCM needs its M (and K when known).
-    phases = 1 if method == "lcm" else _meta_int(metadata, META_PHASES, required=True)
+    # The one-phase baseline has M = 1 whatever the file says; PCM and TSCD need their M (and K when known); a TCD
+    # LoRA has no phases (any end point): it reads as 1.
+    phases = 1 if method in ("lcm", "tcd") else _meta_int(metadata, META_PHASES, required=True)
     ddim = _meta_int(metadata, META_DDIM_TIMESTEPS, required=False)
     if ddim is not None and phases_problem(phases, ddim):
         raise ValueError(f"{META_PHASES}, {META_DDIM_TIMESTEPS}: {phases_problem(phases, ddim)}")
@@ -361,8 +394,11 @@ def _meta_int(metadata, key, required):
     return value
 
 
-def _trainer_notes(metadata, mode, phases, ddim):
+def _trainer_notes(metadata, mode, phases, ddim, gamma=None):
     parts = [f"Written by this pack's trainer (version {metadata.get(META_VERSION, '?')})."]
+    if gamma is not None:
+        parts.append(f"Unified LoRA: any step count with the TCD sampler; gamma {gamma:g} here, lower it for more "
+                     "detail at more steps (TCD Sampler node).")
     if ddim:
         parts.append(f"Exact phase edges: PCM Scheduler node with phases {phases}, K {ddim}.")
     w_min, w_max = metadata.get(META_W_MIN), metadata.get(META_W_MAX)

@@ -254,7 +254,7 @@ def _trainer_metadata(**overrides):
 
 def test_trainer_metadata_keys_are_exported():
     assert all(k.startswith(presets.TRAINER_METADATA_PREFIX) for k in presets.TRAINER_METADATA_KEYS)
-    assert len(set(presets.TRAINER_METADATA_KEYS)) == 9
+    assert len(set(presets.TRAINER_METADATA_KEYS)) == 11
 
 
 def test_metadata_small_and_normal_cfg():
@@ -270,6 +270,36 @@ def test_metadata_small_and_normal_cfg():
 def test_metadata_lcm_baseline():
     preset = presets.preset_from_metadata(_trainer_metadata(**{presets.META_METHOD: "lcm", presets.META_PHASES: "1"}))
     assert (preset.sampler, preset.scheduler, preset.phases) == ("lcm", "lcm", 1)
+
+
+def test_metadata_tcd_is_the_unified_preset():
+    """A TCD LoRA maps to any earlier point: the tcd sampler with the TCD card's gamma and steps, no phase edges."""
+    preset = presets.preset_from_metadata(_trainer_metadata(**{presets.META_METHOD: "tcd", presets.META_PHASES: "1"}))
+    assert (preset.sampler, preset.scheduler, preset.steps, preset.gamma, preset.phases, preset.ddim_timesteps) == \
+        ("tcd", "lcm", 4, 0.3, None, None)
+    assert preset.variant == "tcd_smallcfg" and "gamma 0.3" in preset.message and "Unified" in preset.notes
+
+
+@pytest.mark.parametrize("stage,phases,expected", [
+    ("1", "8", ("pcm", "pcm", 8, None, 8, 50)),
+    ("3", "2", ("pcm", "pcm", 2, None, 2, 50)),
+    ("4", "1", ("tcd", "lcm", 1, 1.0, None, None)),  # ended on one segment: Hyper-SD's unified LoRA
+])
+def test_metadata_tscd_gives_the_stage_reached(stage, phases, expected):
+    meta = _trainer_metadata(**{presets.META_METHOD: "tscd", presets.META_STAGES: "8,4,2,1", presets.META_STAGE: stage,
+                                presets.META_PHASES: phases})
+    preset = presets.preset_from_metadata(meta)
+    assert (preset.sampler, preset.scheduler, preset.steps, preset.gamma, preset.phases, preset.ddim_timesteps) == \
+        expected
+    assert "stages 8,4,2,1" in preset.label and preset.source == "metadata"
+    assert preset.variant == ("tscd_unified_smallcfg" if phases == "1" else "tscd_smallcfg")
+
+
+@pytest.mark.parametrize("stages", ["8,3,1", "8,x", "4,8", "8,4"])  # 8,4 lacks the phases (2) written beside it
+def test_malformed_tscd_stages_raise(stages):
+    meta = _trainer_metadata(**{presets.META_METHOD: "tscd", presets.META_STAGES: stages, presets.META_PHASES: "2"})
+    with pytest.raises(ValueError, match="fewstep.stages"):
+        presets.preset_from_metadata(meta)
 
 
 @pytest.mark.parametrize("arch", ["sd15", "sd2", "sdxl", "sd3", "flux"])
