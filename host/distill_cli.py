@@ -23,7 +23,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
 def parse_args(argv=None):
-    from ..distill.engine import CFG_MODES, PRECISIONS, DistillConfig
+    from ..distill.engine import CFG_MODES, METHODS, PRECISIONS, TSCD_SOLVERS, DistillConfig
     from ..distill.lora import DEFAULT_ALPHA, DEFAULT_RANK
 
     d = DistillConfig()  # the training defaults: DistillConfig's own (the PCM Distillation node shows the same)
@@ -39,6 +39,18 @@ def parse_args(argv=None):
     p.add_argument("--cpu", action="store_true", help="train on the CPU")
     default = " (default: %(default)s)"
     p.add_argument("--steps", type=int, default=d.steps, help="optimiser steps" + default)
+    p.add_argument("--method", choices=METHODS, default=d.method,
+                   help="pcm: phased consistency (--phases); tcd: trajectory consistency (one LoRA for any step count "
+                        "with the tcd sampler's gamma); tscd: Hyper-SD's stages (--tscd-segments)" + default)
+    p.add_argument("--tscd-segments", default=d.tscd_segments,
+                   help="tscd: segments per stage, each dividing the one before; stage 1 is PCM with the first, a "
+                        "1-segment end is the unified (tcd sampler) LoRA" + default)
+    p.add_argument("--tscd-stage-steps", default=d.tscd_stage_steps,
+                   help="tscd: optimiser steps per stage, e.g. 250,250,250,250 (sum = --steps); empty: --steps split "
+                        "evenly" + default)
+    p.add_argument("--tscd-solver", choices=TSCD_SOLVERS, default=d.tscd_solver,
+                   help="tscd stages 2+: the previous stage's frozen LoRA makes the target (previous) or the CFG "
+                        "teacher's DDIM step (teacher)" + default)
     p.add_argument("--phases", type=int, default=d.phases, help="PCM phases M; 1 = one-phase baseline" + default)
     p.add_argument("--ddim-timesteps", type=int, default=d.ddim_timesteps,
                    help="K, the teacher's DDIM grid, at least --phases" + default)
@@ -203,7 +215,8 @@ def train(args, output, rank):
         grad_accumulation=args.grad_accumulation, learning_rate=args.learning_rate, cfg_mode=args.cfg_mode,
         w_min=args.w_min, w_max=args.w_max, huber_c=args.huber_c, precision=args.precision, seed=args.seed,
         ema_decay=args.ema_decay, warmup_steps=args.warmup_steps,
-        adversarial_weight=args.adversarial_weight, deterministic=True)
+        adversarial_weight=args.adversarial_weight, method=args.method, tscd_segments=args.tscd_segments,
+        tscd_stage_steps=args.tscd_stage_steps, tscd_solver=args.tscd_solver, deterministic=True)
     stop = {"now": False}
     signal.signal(signal.SIGINT, lambda *_: stop.update(now=True))
 

@@ -115,3 +115,33 @@ def test_adversarial_weight_switches_the_term_on(workspace, tmp_path):
     tensors, meta = load_safetensors(out.with_name("adv.state.safetensors"))
     assert tensors["adv.history"].shape == (2, 2) and torch.isfinite(tensors["adv.history"]).all()
     assert '"adversarial_weight": 0.1' in meta["config"]
+
+
+@pytest.mark.subprocess
+@pytest.mark.parametrize("method,extra,expected", [
+    ("tscd", ["--tscd-segments", "2,1"], {"fewstep.method": "tscd", "fewstep.stages": "2,1", "fewstep.stage": "2",
+                                          "fewstep.phases": "1", "sampler": "tcd", "gamma": 1.0}),
+    ("tcd", [], {"fewstep.method": "tcd", "fewstep.phases": "1", "sampler": "tcd", "gamma": 0.3}),
+])
+def test_methods_write_a_lora_whose_metadata_gives_the_preset(workspace, tmp_path, method, extra, expected):
+    """--method tscd (2 → 1 segments, one step each) and --method tcd: the LoRA's metadata reads back as the unified
+    preset; the TSCD state holds the stage and the frozen stage-1 LoRA it trained the last step against."""
+    from safetensors import safe_open
+
+    from fewstep.distill.io import load_safetensors
+    from fewstep.loras import presets
+
+    out = tmp_path / f"{method}.safetensors"
+    run = cli(workspace, "--checkpoint", str(cached_tiny_sd15()), "--images", str(workspace / "images"), "--output",
+              str(out), *ARGS, "--steps", "2", "--method", method, *extra)
+    assert run.returncode == 0, run.stderr[-3000:]
+    with safe_open(str(out), "pt") as f:
+        meta = f.metadata()
+    preset = presets.preset_from_metadata(meta)
+    assert {k: meta.get(k) for k in expected if k.startswith("fewstep.")} == \
+        {k: v for k, v in expected.items() if k.startswith("fewstep.")}
+    assert (preset.sampler, preset.gamma, preset.source) == (expected["sampler"], expected["gamma"], "metadata")
+    tensors, state_meta = load_safetensors(out.with_name(f"{method}.state.safetensors"))
+    assert f'"method": "{method}"' in state_meta["config"]
+    if method == "tscd":
+        assert state_meta["stage"] == "1" and any(k.startswith("previous.") for k in tensors)
