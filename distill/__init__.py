@@ -1,8 +1,10 @@
-"""Phased consistency distillation of a LoRA (pure torch; no ComfyUI import).
+"""Consistency distillation of a LoRA: PCM, TCD and Hyper-SD's TSCD (pure torch; no ComfyUI import).
 
-- `phased_loss`: one PCM training step's loss (phase bookkeeping, CFG teacher step, stop-grad target).
+- `phased_loss`: one training step's loss (phase, TCD end-point and TSCD segment bookkeeping, CFG teacher step or
+  the previous TSCD stage as solver, stop-grad target).
 - `lora`: LoRA branches hooked onto an existing network (the teacher is the same network with them off).
-- `engine`: the training loop (`DistillConfig`, `LatentData`, `Distiller`): precision, accumulation,
+- `engine`: the training loop (`DistillConfig`, `LatentData`, `Distiller`): method and TSCD stages, precision,
+  accumulation,
   checkpointing, NaN guard, resumable state, data parallel over torch.distributed.
 - `adversarial`: the optional adversarial term (discriminator heads on frozen teacher features, hinge loss).
 - `io`: atomic safetensors files.
