@@ -25,6 +25,8 @@ TABLE_PATH = Path(__file__).with_name("presets.json")
 TRAINER_METADATA_PREFIX = "fewstep."
 META_METHOD = TRAINER_METADATA_PREFIX + "method"            # "pcm" ("lcm": the one-phase baseline), "tcd", "tscd"
 META_PHASES = TRAINER_METADATA_PREFIX + "phases"            # PCM phases M (TSCD: the segments of the stage reached)
+# TSCD only, so not in TRAINER_METADATA_KEYS (every file the trainer writes carries those: host/output_files.py
+# refuses to replace a LoRA that lacks one of them)
 META_STAGES = TRAINER_METADATA_PREFIX + "stages"            # TSCD: the segments of every stage, "8,4,2,1"
 META_STAGE = TRAINER_METADATA_PREFIX + "stage"              # TSCD: the stage that made the weights, 1-based
 META_DDIM_TIMESTEPS = TRAINER_METADATA_PREFIX + "ddim_timesteps"  # PCM DDIM grid size K
@@ -36,7 +38,7 @@ META_STEPS_TRAINED = TRAINER_METADATA_PREFIX + "steps_trained"  # optimiser step
 META_VERSION = TRAINER_METADATA_PREFIX + "version"
 TRAINER_METADATA_KEYS = (
     META_METHOD, META_PHASES, META_DDIM_TIMESTEPS, META_CFG_MODE, META_W_MIN, META_W_MAX,
-    META_BASE_ARCH, META_STEPS_TRAINED, META_VERSION, META_STAGES, META_STAGE,
+    META_BASE_ARCH, META_STEPS_TRAINED, META_VERSION,
 )
 
 ARCHES = PRESET_ARCHS  # the architectures the table covers, of loras/architectures.py's vocabulary
