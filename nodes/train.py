@@ -15,7 +15,8 @@ import numpy as np
 import torch
 from comfy_api.latest import io
 
-from ..distill.engine import CFG_MODES, MAX_GUIDANCE_W, PRECISIONS, DistillConfig, DistillDiverged
+from ..distill.engine import (CFG_MODES, MAX_GUIDANCE_W, METHODS, PRECISIONS, TSCD_SOLVERS, DistillConfig,
+                              DistillDiverged)
 from ..distill.lora import DEFAULT_ALPHA, DEFAULT_RANK
 from ..host.input_checks import check_values
 from ..host.output_files import refuse_foreign_lora, write_atomic
@@ -97,9 +98,11 @@ class FewStepPCMDistill(io.ComfyNode):
             display_name="PCM Distillation (train LoRA)",
             category="training/fewstep",
             is_output_node=True,
-            description="Trains a phased-consistency (PCM) LoRA for the connected model on your latents, so it samples "
-                        "in 1–8 steps with the pcm sampler. Writes models/loras/<output_name>.safetensors with metadata "
-                        "the Fast LoRA Loader turns into the right sampling preset. Cancel saves a resumable state.",
+            description="Trains a few-step LoRA for the connected model on your latents: phased consistency (PCM, "
+                        "the pcm sampler at 1–8 steps), trajectory consistency (TCD, the tcd sampler at any step count) "
+                        "or Hyper-SD's segmented stages (TSCD). Writes models/loras/<output_name>.safetensors with "
+                        "metadata the Fast LoRA Loader turns into the right sampling preset. Cancel saves a resumable "
+                        "state.",
             inputs=[
                 io.Model.Input("model", tooltip="The teacher: the model to make fast (SD1.5, SDXL, SD3 or FLUX)."),
                 io.Latent.Input("latents", tooltip="Training data: a batch of latents, e.g. VAE Encode of your images."),
@@ -163,6 +166,20 @@ class FewStepPCMDistill(io.ComfyNode):
                                tooltip="Weight of PCM's optional adversarial loss (reference 0.1): discriminator heads "
                                        "on the frozen teacher's UNet features, hinge loss. 0 = off. SD1.5/SD2/SDXL "
                                        "only; about doubles the step time."),
+                io.Combo.Input("method", options=list(METHODS), default=_DEFAULTS.method, optional=True,
+                               tooltip="pcm: phased consistency (phases above; 1 = LCM-style). tcd: trajectory "
+                                       "consistency, any end point: one LoRA for any step count with the tcd sampler. "
+                                       "tscd: Hyper-SD's segmented stages (tscd_segments), ending in the unified "
+                                       "1-segment LoRA."),
+                io.String.Input("tscd_segments", default=_DEFAULTS.tscd_segments, optional=True,
+                                tooltip="tscd: segments per stage, each dividing the one before (8,4,2,1); stage 1 is "
+                                        "PCM with the first number."),
+                io.String.Input("tscd_stage_steps", default=_DEFAULTS.tscd_stage_steps, optional=True,
+                                tooltip="tscd: optimiser steps per stage (e.g. 250,250,250,250, summing to steps); "
+                                        "empty = steps split evenly."),
+                io.Combo.Input("tscd_solver", options=list(TSCD_SOLVERS), default=_DEFAULTS.tscd_solver, optional=True,
+                               tooltip="tscd stages 2+: the previous stage's frozen LoRA supplies the target "
+                                       "(previous, Hyper-SD's) or the CFG teacher does (teacher)."),
             ],
             outputs=[
                 io.Model.Output(display_name="student", tooltip="The teacher with the trained LoRA applied."),
@@ -201,7 +218,9 @@ class FewStepPCMDistill(io.ComfyNode):
     def execute(cls, model, latents, output_name, steps, phases, ddim_timesteps, batch_size, grad_accumulation,
                 learning_rate, rank, alpha, cfg_mode, w_min, w_max, huber_c, seed, precision, gradient_checkpointing,
                 save_every, validate_every, resume, positive=None, negative=None, clip=None, prompts="",
-                vae=None, warmup_steps=0, ema_decay=0.0, adversarial_weight=0.0) -> io.NodeOutput:
+                vae=None, warmup_steps=0, ema_decay=0.0, adversarial_weight=0.0, method=_DEFAULTS.method,
+                tscd_segments=_DEFAULTS.tscd_segments, tscd_stage_steps=_DEFAULTS.tscd_stage_steps,
+                tscd_solver=_DEFAULTS.tscd_solver) -> io.NodeOutput:
         check_values(cls, steps=steps, phases=phases, ddim_timesteps=ddim_timesteps, batch_size=batch_size,
                      grad_accumulation=grad_accumulation, learning_rate=learning_rate, rank=rank, alpha=alpha,
                      w_min=w_min, w_max=w_max, huber_c=huber_c, seed=seed, gradient_checkpointing=gradient_checkpointing,
@@ -222,7 +241,9 @@ class FewStepPCMDistill(io.ComfyNode):
             grad_accumulation=grad_accumulation, learning_rate=learning_rate, cfg_mode=cfg_mode, w_min=w_min,
             w_max=w_max, huber_c=huber_c, precision=precision, seed=seed % (2 ** 63),
             warmup_steps=warmup_steps, ema_decay=ema_decay, adversarial_weight=adversarial_weight,
+            method=method, tscd_segments=tscd_segments, tscd_stage_steps=tscd_stage_steps, tscd_solver=tscd_solver,
             deterministic=True)
+        config.check(len(samples))  # before any file is touched: a bad stage list is a clear error, not a crash
         node_id = cls.hidden.unique_id if cls.hidden is not None else None
         bar = comfy.utils.ProgressBar(steps)
         validation_cfg = 1.0 if cfg_mode == "small" else 3.0
@@ -239,7 +260,8 @@ class FewStepPCMDistill(io.ComfyNode):
                                                    "eta_s": eta}, server.client_id)
 
         def validate(step):
-            images = _validation_images(model, positive[0], negative, (1,) + tuple(samples.shape[1:]), phases,
+            images = _validation_images(model, positive[0], negative, (1,) + tuple(samples.shape[1:]),
+                                        config.trained_segments(step),
                                         ddim_timesteps, validation_cfg, seed, vae)
             _save_png(images, val_dir / f"validation_step{step:06d}.png", output_root)
 
@@ -260,7 +282,8 @@ class FewStepPCMDistill(io.ComfyNode):
         relative = lora_path.relative_to(_loras_root())
         student = TrainingModel(model).student(str(lora_path), relative.as_posix())
         with torch.inference_mode(False), torch.no_grad():
-            images = _validation_images(student, positive[0], negative, (1,) + tuple(samples.shape[1:]), phases,
+            images = _validation_images(student, positive[0], negative, (1,) + tuple(samples.shape[1:]),
+                                        config.trained_segments(result.steps),
                                         ddim_timesteps, validation_cfg, seed, vae)
         curve = torch.from_numpy(np.array(_draw_loss_curve(result.losses, title=f"{relative.as_posix()}: loss per step "
                                                   f"(log scale), {result.steps} steps"))).float()[None] / 255.0

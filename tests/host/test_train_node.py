@@ -241,6 +241,45 @@ def test_each_architecture_trains_and_loads_in_core(arch, comfy_host, run_node, 
     assert all(torch.isfinite(v) for v in state_of(comfy_host, name)[0]["losses"])
 
 
+@pytest.mark.parametrize("arch", ["sd15", "sd3"])
+@pytest.mark.parametrize("method,extra,preset", [
+    ("tcd", {}, ("tcd", "lcm", 0.3)),
+    ("tscd", {"tscd_segments": "2,1", "tscd_stage_steps": "2,2"}, ("tcd", "lcm", 1.0)),
+    ("tscd", {"tscd_segments": "2,1", "tscd_stage_steps": "3,1", "steps": 4}, ("tcd", "lcm", 1.0)),
+])
+def test_each_method_trains_loads_in_core_and_gives_its_preset(arch, method, extra, preset, comfy_host, run_node,
+                                                               arch_models, tiny_models, data):
+    """The method setting reaches the engine: the LoRA's metadata names it, core LoraLoader applies every key, and
+    the Fast LoRA Loader turns it into the method's preset (TCD's card settings; a TSCD run ending on 1 segment:
+    the unified tcd preset)."""
+    model = tiny_models.model if arch == "sd15" else arch_models(arch)[0]
+    g = torch.Generator().manual_seed(4)
+    latents = {"samples": torch.randn(2, LATENT_CHANNELS[arch], 8, 8, generator=g)}
+    name = f"t_method_{method}_{arch}_{len(extra)}_{extra.get('tscd_stage_steps', '')}".replace(",", "-")
+    conds = data[1:] if arch == "sd15" else (seeded_conditioning(arch, 8, g), seeded_conditioning(arch, 8, g))
+    with captured_log(logging.WARNING) as log:
+        student, lora_name, _, validation = train(run_node, model, latents, *conds, name, method=method,
+                                                  **{"rank": 2, **extra})
+        (core,) = run_node("LoraLoaderModelOnly", model=model, lora_name=lora_name, strength_model=1.0)
+    assert not any("lora key not loaded" in m for m in log.messages())
+    tensors, meta = read_lora(comfy_host, name)
+    assert meta["fewstep.method"] == method
+    assert len(core.patches) == len(student.patches) == len(tensors) // 3
+    assert validation.shape[0] == 3 and torch.isfinite(validation).all()
+    _, _, loaded_preset, summary = run_node("FewStepLoraLoader", model=model, lora_name=lora_name, strength_model=1.0,
+                                            strength_clip=1.0, use_recommended_strength=True)
+    assert (loaded_preset.sampler, loaded_preset.scheduler, loaded_preset.gamma) == preset, summary
+    assert loaded_preset.source == "metadata", summary
+
+
+def test_a_bad_stage_list_is_refused_before_any_file(comfy_host, run_node, tiny_models, data):
+    latents, positive, empty = data
+    with pytest.raises(ValueError, match="tscd_stage_steps .* sum to 3, but steps is 4"):
+        train(run_node, tiny_models.model, latents, positive, empty, "t_bad_stages", method="tscd",
+              tscd_segments="2,1", tscd_stage_steps="2,1")
+    assert not lora_file(comfy_host, "t_bad_stages").exists()
+
+
 def test_adversarial_term_trains_resumes_exactly_and_leaves_no_hooks(comfy_host, run_node, tiny_models, data):
     """adversarial_weight > 0: discriminator heads on the teacher's UNet encoder features (with checkpointing on)."""
     from fewstep.host.training_model import TrainingModel
