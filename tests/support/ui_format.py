@@ -2,8 +2,8 @@
 
 `api_to_ui` lays an API prompt out as a drag-and-drop workflow (what example_workflows/ ships);
 `ui_to_api` turns it back the way the frontend's "queue prompt" does: widget values in the order of the
-node's inputs (an extra control value after widgets with a control widget, see `_has_control`), links for
-connected inputs. A shipped UI workflow is correct when ui_to_api gives back its API twin.
+node's inputs (an extra control value after widgets with a control widget, see `_has_control`, and the
+"upload" widget's value after an image_upload combo), links for connected inputs. A shipped UI workflow is correct when ui_to_api gives back its API twin.
 """
 from __future__ import annotations
 
@@ -49,6 +49,13 @@ def _has_control(name: str, spec) -> bool:
     return bool(setting) and (spec[0] == "INT" or isinstance(spec[0], list) or spec[0] == "COMBO")
 
 
+def _upload_widget(spec):
+    """The value of the "upload" widget the frontend adds after a file combo with image_upload (the combo's name
+    for it, "image" on LoadImage; serialized into widgets_values), or None when the input has none."""
+    options = (spec[1] or {}) if len(spec) > 1 else {}
+    return "image" if options.get("image_upload") else None
+
+
 def api_to_ui(api: dict, object_info: dict) -> dict:
     ids = {key: i + 1 for i, key in enumerate(api)}
     links, nodes = [], []
@@ -74,6 +81,8 @@ def api_to_ui(api: dict, object_info: dict) -> dict:
                 widgets.append(None if linked else value)
                 if _has_control(name, spec):
                     widgets.append("fixed")
+                if _upload_widget(spec) is not None:
+                    widgets.append(_upload_widget(spec))
         nodes.append({"key": key, "inputs": inputs, "widgets": widgets, "info": info})
     ui_nodes = []
     for order, n in enumerate(nodes):
@@ -110,6 +119,9 @@ def ui_to_api(ui: dict, object_info: dict) -> dict:
                     if not values:
                         raise ValueError(f"node {node['id']} ({node['type']}): no control value after {name!r}")
                     values.pop(0)
+                if _upload_widget(spec) is not None:
+                    if not values or values.pop(0) != _upload_widget(spec):
+                        raise ValueError(f"node {node['id']} ({node['type']}): no upload widget value after {name!r}")
                 if name not in linked:
                     inputs[name] = value
             if name in linked:
