@@ -81,3 +81,19 @@ def test_new_training_node_seed_control_starts_fixed(frontend):
         return [control("FewStepPCMDistill"), control("KSampler")];
     }""")
     assert modes == ["fixed", "randomize"]
+
+
+def test_training_progress_message_is_handled(frontend, console):
+    """The training node's "fewstep.train" message reaches web/fewstep.js's listener (the node shows step and loss)
+    instead of the frontend's "Unknown message type" warning. The message (nodes/train.py's keys) comes in through
+    the page's own websocket handler: a real training prompt takes ~100 s on a busy 2-core CPU, too long here."""
+    frontend.drop_workflow(REPO / "example_workflows" / "pcm_distill_train.json")
+    status = frontend.evaluate("""() => {
+        const node = window.app.graph.nodes.find((n) => n.type === "FewStepPCMDistill");
+        const message = {type: "fewstep.train", data: {node: String(node.id), step: 3, total: 400, loss: 0.0123456, eta_s: 60}};
+        window.comfyAPI.api.api.socket.dispatchEvent(new MessageEvent("message", {data: JSON.stringify(message)}));
+        return node.fewstepStatus ?? null;
+    }""")
+    assert status == "step 3/400  loss 0.01235", status
+    unknown = [m for m in console.messages() if "fewstep.train" in m or "Unknown message type" in m]
+    assert not unknown, unknown
