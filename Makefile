@@ -13,7 +13,7 @@ test: setup
 
 # Pure maths only: no ComfyUI start, no subprocesses (torchrun, fresh interpreters).
 test-fast: setup
-	$(PY) -m pytest tests -q -p no:cacheprovider --ignore=tests/host --ignore=tests/e2e -m "not subprocess"
+	$(PY) -m pytest tests -q -p no:cacheprovider --ignore=tests/host --ignore=tests/e2e --ignore=tests/browser -m "not subprocess"
 
 serve: setup
 	@bash scripts/serve.sh $(PORT)

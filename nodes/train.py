@@ -131,7 +131,10 @@ class FewStepPCMDistill(io.ComfyNode):
                                tooltip="Largest teacher guidance w. small mode only."),
                 io.Float.Input("huber_c", default=_DEFAULTS.huber_c, min=0.0, max=1.0, step=0.0001,
                                tooltip="Pseudo-Huber c of the distance (0 = L1 on the samples)."),
-                io.Int.Input("seed", default=_DEFAULTS.seed, min=0, max=0xffffffffffffffff,
+                # Explicit: the frontend gives every INT named seed a "control after generate" widget unless the
+                # input sets this (the shipped UI workflow stores its value, "fixed", after the seed). web/fewstep.js
+                # starts it at "fixed" on a new node: a run is reproducible until the user asks for another seed.
+                io.Int.Input("seed", default=_DEFAULTS.seed, min=0, max=0xffffffffffffffff, control_after_generate=True,
                              tooltip="Seeds the LoRA's init and every random draw: same seed, same LoRA."),
                 io.Combo.Input("precision", options=list(PRECISIONS), default=_DEFAULTS.precision,
                                tooltip="Autocast dtype of the forwards; the LoRA's weights stay float32. fp16 uses a "

@@ -2,8 +2,8 @@
 
 `api_to_ui` lays an API prompt out as a drag-and-drop workflow (what example_workflows/ ships);
 `ui_to_api` turns it back the way the frontend's "queue prompt" does: widget values in the order of the
-node's inputs (an extra control value after widgets with control_after_generate), links for connected
-inputs. A shipped UI workflow is correct when ui_to_api gives back its API twin.
+node's inputs (an extra control value after widgets with a control widget, see `_has_control`, and the
+"upload" widget's value after an image_upload combo), links for connected inputs. A shipped UI workflow is correct when ui_to_api gives back its API twin.
 """
 from __future__ import annotations
 
@@ -31,8 +31,29 @@ def _type_name(kind) -> str:
     return "COMBO" if isinstance(kind, list) else kind
 
 
-def _has_control(spec) -> bool:
-    return len(spec) > 1 and bool((spec[1] or {}).get("control_after_generate"))
+# INT inputs with these names get a control widget unless the input says otherwise (see _has_control).
+SEED_NAMES = ("seed", "noise_seed")
+
+
+def _has_control(name: str, spec) -> bool:
+    """Whether the frontend puts a "control after generate" widget (and its value) after this input's widget.
+
+    comfyui_frontend_package 1.32.9 (useIntWidget): `if (spec.control_after_generate ?? ["seed", "noise_seed"]
+    .includes(spec.name))` adds the control, so an INT named seed or noise_seed gets one unless the input sets
+    control_after_generate (False: none). A COMBO gets one only when it sets control_after_generate (addComboWidget).
+    """
+    options = (spec[1] or {}) if len(spec) > 1 else {}
+    setting = options.get("control_after_generate")
+    if setting is None:
+        return spec[0] == "INT" and name in SEED_NAMES
+    return bool(setting) and (spec[0] == "INT" or isinstance(spec[0], list) or spec[0] == "COMBO")
+
+
+def _upload_widget(spec):
+    """The value of the "upload" widget the frontend adds after a file combo with image_upload (the combo's name
+    for it, "image" on LoadImage; serialized into widgets_values), or None when the input has none."""
+    options = (spec[1] or {}) if len(spec) > 1 else {}
+    return "image" if options.get("image_upload") else None
 
 
 def api_to_ui(api: dict, object_info: dict) -> dict:
@@ -58,8 +79,10 @@ def api_to_ui(api: dict, object_info: dict) -> dict:
                 inputs.append(entry)
             if _is_widget(spec):
                 widgets.append(None if linked else value)
-                if _has_control(spec):
+                if _has_control(name, spec):
                     widgets.append("fixed")
+                if _upload_widget(spec) is not None:
+                    widgets.append(_upload_widget(spec))
         nodes.append({"key": key, "inputs": inputs, "widgets": widgets, "info": info})
     ui_nodes = []
     for order, n in enumerate(nodes):
@@ -89,14 +112,23 @@ def ui_to_api(ui: dict, object_info: dict) -> dict:
         for name in _input_names(info):
             spec = _spec(info, name)
             if _is_widget(spec):
+                if not values:
+                    raise ValueError(f"node {node['id']} ({node['type']}): widgets_values ran out at {name!r}")
                 value = values.pop(0)
-                if _has_control(spec):
+                if _has_control(name, spec):
+                    if not values:
+                        raise ValueError(f"node {node['id']} ({node['type']}): no control value after {name!r}")
                     values.pop(0)
+                if _upload_widget(spec) is not None:
+                    if not values or values.pop(0) != _upload_widget(spec):
+                        raise ValueError(f"node {node['id']} ({node['type']}): no upload widget value after {name!r}")
                 if name not in linked:
                     inputs[name] = value
             if name in linked:
                 link = linked[name]
                 inputs[name] = [str(link[1]), link[2]]
+        if values:
+            raise ValueError(f"node {node['id']} ({node['type']}): {len(values)} widgets_values left over: {values}")
         entry = {"class_type": node["type"], "inputs": inputs}
         if node.get("title"):
             entry["_meta"] = {"title": node["title"]}
