@@ -65,7 +65,9 @@ def api_to_ui(api: dict, object_info: dict) -> dict:
         inputs, widgets = [], []
         for name in _input_names(info):
             spec = _spec(info, name)
-            value = node["inputs"].get(name)
+            # an optional widget the API graph leaves out shows its default (what the frontend puts there)
+            value = node["inputs"].get(name, (spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {})
+                                       .get("default"))
             linked = isinstance(value, list) and len(value) == 2 and isinstance(value[0], str)
             if linked:
                 link_id = len(links) + 1
