@@ -3,10 +3,10 @@
 1. Builds (or reuses, from .cache/) the digits checkpoint (tests/support/digits_model.py: an SD1.5-class model
    that draws "a handwritten digit N" at 64×64 px, made from the weights in assets/digits/).
 2. Starts ComfyUI with this pack on a free loopback port.
-3. Distils the model with the pack's PCM node by running workflows/pcm_distill_train.json (a few CPU minutes;
+3. Distils the model with the pack's PCM node by running workflows/api/pcm_distill_train.json (a few CPU minutes;
    reused from .cache/demo/ while the checkpoint and the workflow are unchanged), and compares the LoRA it
    wrote with the shipped copy in assets/digits/.
-4. Runs every workflow in workflows/ and copies what each saved to demo_out/.
+4. Runs every workflow in workflows/api/ and copies what each saved to demo_out/.
 5. Samples the rows of tests/support/digits_rows.py (the teacher at 25 steps and at 1/2/4 DDIM steps; the PCM
    LoRA at 1/2/4 steps with `pcm`, and with `tcd` and `lcm`), ten prompts × PER_DIGIT images each, scores them
    (classifier accuracy, Fréchet distance to held-out digits) and writes demo_out/contact_sheet.png and
@@ -28,7 +28,7 @@ from support.digits_rows import ROWS, Scorer, contact_sheet, load_images, row_gr
 from support.lora_files import write_zero_lora  # noqa: E402
 from support.server import ComfyServer, ServerError, execution_error, history_status  # noqa: E402
 
-WORKFLOWS_DIR = REPO_ROOT / "workflows"
+WORKFLOWS_DIR = REPO_ROOT / "workflows" / "api"  # the API twins of the templates in workflows/
 OUT_DIR = REPO_ROOT / "demo_out"
 CACHE_DIR = REPO_ROOT / ".cache" / "demo"
 TRAINING_WORKFLOW = "pcm_distill_train"
@@ -129,7 +129,7 @@ def main():
     try:
         server.start()
         print(f"demo: server at {server.url}, log {server.log_path}", flush=True)
-        print("demo: distilling the digits model with the PCM node (workflows/pcm_distill_train.json) ...", flush=True)
+        print("demo: distilling the digits model with the PCM node (workflows/api/pcm_distill_train.json) ...", flush=True)
         lora, seconds, cached, status, note = distilled_lora(server, checkpoint)
         lora_path = server.base_dir / "models" / "loras" / lora
         workflow_rows.append((f"{TRAINING_WORKFLOW}.json", status, seconds,

@@ -11,7 +11,7 @@ from support.server import execution_error, history_status
 from support.ui_format import renumbered
 
 REPO = Path(__file__).resolve().parents[2]
-UI_WORKFLOWS = sorted((REPO / "example_workflows").glob("*.json"))
+UI_WORKFLOWS = sorted((REPO / "workflows").glob("*.json"))  # the templates ComfyUI lists
 TRAINING = {"pcm_distill_train"}  # minutes of training: loaded and converted here, run by tests/e2e
 SAMPLING = [p for p in UI_WORKFLOWS if p.stem not in TRAINING]
 
@@ -21,7 +21,7 @@ def _ids(paths):
 
 
 def _api(path):
-    return renumbered(json.loads((REPO / "workflows" / path.name).read_text()))
+    return renumbered(json.loads((REPO / "workflows" / "api" / path.name).read_text()))
 
 
 def _inputs_only(prompt):
@@ -29,9 +29,9 @@ def _inputs_only(prompt):
 
 
 def test_every_ui_workflow_has_an_api_twin():
-    assert UI_WORKFLOWS, "no example_workflows/*.json"
+    assert UI_WORKFLOWS, "no workflows/*.json"
     for path in UI_WORKFLOWS:
-        assert (REPO / "workflows" / path.name).is_file(), f"{path.name} has no workflows/ twin"
+        assert (REPO / "workflows" / "api" / path.name).is_file(), f"{path.name} has no workflows/api/ twin"
 
 
 @pytest.mark.parametrize("path", UI_WORKFLOWS, ids=_ids(UI_WORKFLOWS))
@@ -87,7 +87,7 @@ def test_training_progress_message_is_handled(frontend, console):
     """The training node's "fewstep.train" message reaches web/fewstep.js's listener (the node shows step and loss)
     instead of the frontend's "Unknown message type" warning. The message (nodes/train.py's keys) comes in through
     the page's own websocket handler: a real training prompt takes ~100 s on a busy 2-core CPU, too long here."""
-    frontend.drop_workflow(REPO / "example_workflows" / "pcm_distill_train.json")
+    frontend.drop_workflow(REPO / "workflows" / "pcm_distill_train.json")
     status = frontend.evaluate("""() => {
         const node = window.app.graph.nodes.find((n) => n.type === "FewStepPCMDistill");
         const message = {type: "fewstep.train", data: {node: String(node.id), step: 3, total: 400, loss: 0.0123456, eta_s: 60}};

@@ -27,7 +27,7 @@ def object_info(server):
 
 @pytest.mark.parametrize("name", LORA_WORKFLOWS)
 def test_ui_workflow_is_the_api_workflow(name, object_info):
-    ui = json.loads((REPO / "example_workflows" / f"{name}.json").read_text())
+    ui = json.loads((REPO / "workflows" / f"{name}.json").read_text())
     api = load_workflow(name)
     assert ui_to_api(ui, object_info) == renumbered(api)
 

@@ -16,7 +16,7 @@ from PIL import Image
 
 from support.server import execution_error, history_status
 
-WORKFLOWS_DIR = Path(__file__).resolve().parents[2] / "workflows"
+WORKFLOWS_DIR = Path(__file__).resolve().parents[2] / "workflows" / "api"  # the API twins
 WORKFLOWS = sorted(WORKFLOWS_DIR.glob("*.json"))
 
 PACK_SAMPLERS = ["pcm", "tcd", "ctm_gamma"]
@@ -185,7 +185,8 @@ def test_workflow_runs_to_an_image(server, path):
     prefix = graph[only_node(graph, "SaveImage")]["inputs"]["filename_prefix"]
     submitted = server.post_prompt(graph)
     assert submitted.ok, f"{path.name} rejected (HTTP {submitted.status}):\n{submitted.messages()}"
-    entry = server.wait(submitted.prompt_id, timeout=120)
+    # the training graph also encodes its 100 prompts and images: minutes on a loaded 2-core machine
+    entry = server.wait(submitted.prompt_id, timeout=600 if path.stem == "pcm_distill_train" else 120)
     assert history_status(entry) == "success", f"{path.name} failed: {execution_error(entry)}"
     files = server.output_files(entry)
     assert len(files) == 1, files
@@ -356,6 +357,21 @@ def test_increasing_sigmas_is_an_execution_error(server):
     assert "sigmas must be decreasing" in error["exception_message"], error["exception_message"]
     assert not server.output_files(entry)
     assert_good_prompt_runs(server)
+
+
+def test_templates_list_each_workflow_once_and_open(server):
+    """ComfyUI's Templates dialog: GET /workflow_templates names a pack's workflow files, and
+    /api/workflow_templates/<pack>/<name>.json serves them (from ONE folder: a name listed from a second folder
+    would be served from the first, or not at all). Every shipped UI workflow is listed once and opens as a graph."""
+    from support.server import PACK_NAME
+
+    listed = server.get_json("/workflow_templates").get(PACK_NAME, [])
+    ui_names = sorted(p.stem for p in WORKFLOWS_DIR.parent.glob("*.json"))
+    assert sorted(listed) == ui_names and len(set(listed)) == len(listed), listed
+    for name in listed:
+        graph = server.get_json(f"/api/workflow_templates/{PACK_NAME}/{name}.json")
+        assert graph.get("nodes") and graph.get("links") is not None, f"{name} is not a UI workflow"
+        assert graph == json.loads((WORKFLOWS_DIR.parent / f"{name}.json").read_text())
 
 
 def test_server_alive_at_the_end(server):

@@ -67,7 +67,7 @@ def message_names(entry):
 
 
 def test_ui_workflow_is_the_api_workflow(object_info):
-    ui = json.loads((REPO / "example_workflows" / f"{WORKFLOW}.json").read_text())
+    ui = json.loads((REPO / "workflows" / f"{WORKFLOW}.json").read_text())
     assert ui_to_api(ui, object_info) == renumbered(load_workflow(WORKFLOW))
 
 

@@ -51,7 +51,7 @@ ASSETS = _REPO_ROOT / "assets" / "digits"
 DATA_PATH = ASSETS / "digits.npz"
 FACTORS_PATH = ASSETS / "digits_unet_factors.safetensors"
 CHECKPOINT_NAME = "fewstep_digits_sd15.safetensors"
-# What workflows/pcm_distill_train.json writes (make demo retrains it and compares); the LoRA workflow loads it.
+# What workflows/api/pcm_distill_train.json writes (make demo retrains it and compares); the LoRA workflow loads it.
 PCM_LORA_PATH = ASSETS / "fewstep_digits_pcm.safetensors"
 STAMP_KEY = "fewstep.digits_sd15"
 FORMAT_VERSION = "1"

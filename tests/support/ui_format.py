@@ -1,6 +1,6 @@
 """UI-format (litegraph) workflows <-> API-format prompts, using the server's /object_info.
 
-`api_to_ui` lays an API prompt out as a drag-and-drop workflow (what example_workflows/ ships);
+`api_to_ui` lays an API prompt out as a drag-and-drop workflow (what workflows/ ships);
 `ui_to_api` turns it back the way the frontend's "queue prompt" does: widget values in the order of the
 node's inputs (an extra control value after widgets with a control widget, see `_has_control`, and the
 "upload" widget's value after an image_upload combo), links for connected inputs. A shipped UI workflow is correct when ui_to_api gives back its API twin.
