@@ -144,6 +144,9 @@ def test_pack_nodes_documented(object_info, node):
         for name, spec in inputs.get(section, {}).items():
             extra = spec[1] if len(spec) > 1 else {}
             assert extra.get("tooltip", "").strip(), f"{node}.{name} has no tooltip"
+    assert len(entry["output_tooltips"]) == len(entry["output"]), entry["output_tooltips"]
+    for name, tooltip in zip(entry["output_name"], entry["output_tooltips"]):
+        assert (tooltip or "").strip(), f"{node} output {name} has no tooltip"
 
 
 def test_every_pack_node_has_a_help_page():
