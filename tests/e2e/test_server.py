@@ -149,12 +149,27 @@ def test_pack_nodes_documented(object_info, node):
         assert (tooltip or "").strip(), f"{node} output {name} has no tooltip"
 
 
-def test_every_pack_node_has_a_help_page():
+def help_urls(entry, locale):
+    """The URLs the frontend (NodeHelpService.fetchCustomNodeHelp, comfyui_frontend_package 1.32.9) fetches a
+    custom node's help page from, in its order: the locale's page, then (when that is not ok) the plain one. The
+    pack's name is the second part of the node's python_module, as the frontend's extractCustomNodeName reads it."""
+    pack = entry["python_module"].split(".")[1].split("@")[0]
+    return f"/extensions/{pack}/docs/{entry['name']}/{locale}.md", f"/extensions/{pack}/docs/{entry['name']}.md"
+
+
+def test_every_pack_node_has_a_help_page(server, object_info):
+    """Each node's page is web/docs/<node>/en.md, served at the first URL the frontend tries in English."""
     docs = Path(__file__).resolve().parents[2] / "web" / "docs"
-    for node in PACK_NODES:
-        page = docs / f"{node}.md"
-        assert page.is_file(), f"missing help page {page}"
-        assert page.read_text().lstrip().startswith("#"), f"{page} does not start with a heading"
+    pack_nodes = sorted(n for n, e in object_info.items() if e["python_module"] == "custom_nodes.fewstep")
+    assert set(PACK_NODES) <= set(pack_nodes)
+    for node in pack_nodes:
+        first, _ = help_urls(object_info[node], "en")
+        status, served = server.get_text(first)
+        assert status == 200, f"GET {first}, the frontend's first try, answered HTTP {status}"
+        page = docs / node / "en.md"
+        assert served == page.read_text(encoding="utf-8"), f"GET {first} is not {page}"
+        assert served.lstrip().startswith("#"), f"{page} does not start with a heading"
+    assert sorted(p.name for p in docs.iterdir() if p.is_dir()) == pack_nodes
 
 
 # -- shipped workflows -------------------------------------------------------------------------
