@@ -7,6 +7,7 @@ server still runs the next good prompt.
 import copy
 import hashlib
 import json
+import os
 import uuid
 from pathlib import Path
 
@@ -158,17 +159,23 @@ def help_urls(entry, locale):
 
 
 def test_every_pack_node_has_a_help_page(server, object_info):
-    """Each node's page is web/docs/<node>/en.md, served at the first URL the frontend tries in English."""
+    """Each node's page is web/docs/<node>/en.md, served at the first URL the frontend tries in English; other
+    locales get a 404 there and the fallback web/docs/<node>.md, a relative symlink to the same page (ComfyUI's
+    static route serves links that stay inside web/)."""
     docs = Path(__file__).resolve().parents[2] / "web" / "docs"
     pack_nodes = sorted(n for n, e in object_info.items() if e["python_module"] == "custom_nodes.fewstep")
     assert set(PACK_NODES) <= set(pack_nodes)
     for node in pack_nodes:
-        first, _ = help_urls(object_info[node], "en")
+        first, fallback = help_urls(object_info[node], "en")
         status, served = server.get_text(first)
         assert status == 200, f"GET {first}, the frontend's first try, answered HTTP {status}"
         page = docs / node / "en.md"
         assert served == page.read_text(encoding="utf-8"), f"GET {first} is not {page}"
         assert served.lstrip().startswith("#"), f"{page} does not start with a heading"
+        other_first, other_fallback = help_urls(object_info[node], "fr")
+        assert other_fallback == fallback and server.get_text(other_first)[0] == 404
+        assert server.get_text(fallback) == (200, served), f"GET {fallback}"
+        assert os.readlink(docs / f"{node}.md") == f"{node}/en.md"  # a link, not a copy that can drift
     assert sorted(p.name for p in docs.iterdir() if p.is_dir()) == pack_nodes
 
 
