@@ -149,7 +149,12 @@ class FewStepHyperSD1StepUNetLoader(io.ComfyNode):
                                tooltip="diffusion_models/… for UNet-only files, checkpoints/… for full checkpoints "
                                        "(only the UNet is used)."),
             ],
-            outputs=[io.Model.Output(), Preset.Output(display_name="preset"), io.String.Output(display_name="summary")],
+            outputs=[
+                io.Model.Output(tooltip="The 1-step SDXL UNet."),
+                Preset.Output(display_name="preset", tooltip="Its 1-step preset (σ(800) → 0, CFG 1): wire into Fast "
+                                                              "Sampler or Preset to KSampler Settings."),
+                io.String.Output(display_name="summary", tooltip="One line: what was loaded, the preset's note."),
+            ],
         )
 
     @classmethod
@@ -255,7 +260,7 @@ class FewStepFastSampler(io.ComfyNode):
                 io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01,
                                tooltip="1.0 for text-to-image; below 1 for img2img (the last part of the schedule)."),
             ],
-            outputs=[io.Latent.Output()],
+            outputs=[io.Latent.Output(tooltip="The sampled latent: VAE Decode it.")],
         )
 
     @classmethod
@@ -290,12 +295,16 @@ class FewStepPresetToKSampler(io.ComfyNode):
                         f"γ ≠ {SAMPLERS['tcd'].options['gamma']:g}).",
             inputs=[Preset.Input("preset", tooltip="From Fast LoRA Loader or Hyper-SDXL 1-Step UNet Loader.")],
             outputs=[
-                io.Combo.Output(display_name="sampler_name", options=comfy.samplers.KSampler.SAMPLERS),
-                io.Combo.Output(display_name="scheduler", options=comfy.samplers.KSampler.SCHEDULERS),
-                io.Int.Output(display_name="steps"),
-                io.Float.Output(display_name="cfg"),
-                io.Float.Output(display_name="lora_strength"),
-                io.String.Output(display_name="note"),
+                io.Combo.Output(display_name="sampler_name", options=comfy.samplers.KSampler.SAMPLERS,
+                                tooltip="The preset's sampler, for KSampler's sampler_name."),
+                io.Combo.Output(display_name="scheduler", options=comfy.samplers.KSampler.SCHEDULERS,
+                                tooltip="The preset's scheduler, for KSampler's scheduler."),
+                io.Int.Output(display_name="steps", tooltip="The preset's steps."),
+                io.Float.Output(display_name="cfg", tooltip="The preset's CFG."),
+                io.Float.Output(display_name="lora_strength",
+                                tooltip="The LoRA strength the preset recommends (for a core LoRA loader)."),
+                io.String.Output(display_name="note", tooltip="The preset's note and what KSampler cannot express "
+                                                              "(γ, PCM phases other than steps)."),
             ],
         )
 

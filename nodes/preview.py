@@ -73,7 +73,7 @@ class FewStepSchedulePreview(io.ComfyNode):
                 io.Int.Input("width", default=768, min=256, max=2048, optional=True, tooltip="Image width in pixels."),
                 io.Int.Input("height", default=432, min=192, max=2048, optional=True, tooltip="Image height in pixels."),
             ],
-            outputs=[io.Image.Output()],
+            outputs=[io.Image.Output(tooltip="The plot: preview or save it like any image.")],
         )
 
     @classmethod

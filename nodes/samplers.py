@@ -25,7 +25,7 @@ class FewStepTCDSampler(io.ComfyNode):
                                        "dropdown's; 1 = re-noise fully each step (Hyper-SD's unified LoRA uses 1.0). "
                                        "Higher γ: smoother, less detail."),
             ],
-            outputs=[io.Sampler.Output()],
+            outputs=[io.Sampler.Output(tooltip="TCD sampling with this γ: for SamplerCustom(Advanced).")],
         )
 
     @classmethod
@@ -48,7 +48,7 @@ class FewStepCTMGammaSampler(io.ComfyNode):
                                tooltip="0 = deterministic (DDIM jumps); 1 = jump to the end and re-noise each step (CM multistep). "
                                        f"The `ctm_gamma` dropdown uses {CTM.options['gamma']:g}."),
             ],
-            outputs=[io.Sampler.Output()],
+            outputs=[io.Sampler.Output(tooltip="CTM γ-sampling with this γ: for SamplerCustom(Advanced).")],
         )
 
     @classmethod
@@ -67,7 +67,7 @@ class FewStepPCMSampler(io.ComfyNode):
             description="Deterministic phased sampling for PCM LoRAs: a DDIM (η = 0) jump to each σ of the schedule. "
                         "Same as choosing `pcm` in KSamplerSelect.",
             inputs=[],
-            outputs=[io.Sampler.Output()],
+            outputs=[io.Sampler.Output(tooltip="Deterministic PCM sampling (DDIM jumps): for SamplerCustom(Advanced).")],
         )
 
     @classmethod

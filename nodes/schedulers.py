@@ -41,7 +41,7 @@ class FewStepPCMScheduler(io.ComfyNode):
                 io.Combo.Input("end", options=list(END_CONVENTIONS), default=SCHEDULERS["pcm"].defaults["end"],
                                tooltip=END_TOOLTIP),
             ],
-            outputs=[io.Sigmas.Output()],
+            outputs=[io.Sigmas.Output(tooltip="The PCM σ schedule: for SamplerCustom(Advanced) or Schedule Preview.")],
         )
 
     # Rules between inputs live here, not in validate_inputs (whose message ComfyUI repeats on every input it
@@ -81,7 +81,7 @@ class FewStepLCMScheduler(io.ComfyNode):
                 io.Combo.Input("end", options=list(END_CONVENTIONS), default=SCHEDULERS["lcm"].defaults["end"],
                                tooltip=END_TOOLTIP),
             ],
-            outputs=[io.Sigmas.Output()],
+            outputs=[io.Sigmas.Output(tooltip="The LCM / TCD grid σ schedule: for SamplerCustom(Advanced) or Schedule Preview.")],
         )
 
     @classmethod
@@ -113,7 +113,7 @@ class FewStepHyperSD1StepScheduler(io.ComfyNode):
                 io.Int.Input("steps", default=1, min=1, max=100, tooltip="1 for the 1-step UNet."),
                 io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01, tooltip=DENOISE_TOOLTIP),
             ],
-            outputs=[io.Sigmas.Output()],
+            outputs=[io.Sigmas.Output(tooltip="The Hyper-SD 1-step σ schedule: for SamplerCustom(Advanced) or Schedule Preview.")],
         )
 
     @classmethod

@@ -108,9 +108,9 @@ def test_readme_and_help_pages_state_the_registry_defaults():
     schedulers_text = ", ".join(f"`{n}` ({e.summary})" for n, e in SCHEDULERS.items())
     assert f"Dropdown entries added: samplers {samplers_text}; schedulers {schedulers_text}." in _flat("README.md")
     tcd, ctm = SAMPLERS["tcd"].options["gamma"], SAMPLERS["ctm_gamma"].options["gamma"]
-    assert f"γ = {tcd:g}: diffusers' default" in _flat("web/docs/FewStepTCDSampler.md")
-    assert f"the `tcd` dropdown entry uses γ = {tcd:g}" in _flat("web/docs/FewStepPresetToKSampler.md")
-    ctm_page = _flat("web/docs/FewStepCTMGammaSampler.md")
+    assert f"γ = {tcd:g}: diffusers' default" in _flat("web/docs/FewStepTCDSampler/en.md")
+    assert f"the `tcd` dropdown entry uses γ = {tcd:g}" in _flat("web/docs/FewStepPresetToKSampler/en.md")
+    ctm_page = _flat("web/docs/FewStepCTMGammaSampler/en.md")
     assert f"default {ctm:g}." in ctm_page and f"same sampler with γ = {ctm:g}." in ctm_page
 
 

@@ -7,6 +7,7 @@ server still runs the next good prompt.
 import copy
 import hashlib
 import json
+import os
 import uuid
 from pathlib import Path
 
@@ -144,14 +145,38 @@ def test_pack_nodes_documented(object_info, node):
         for name, spec in inputs.get(section, {}).items():
             extra = spec[1] if len(spec) > 1 else {}
             assert extra.get("tooltip", "").strip(), f"{node}.{name} has no tooltip"
+    assert len(entry["output_tooltips"]) == len(entry["output"]), entry["output_tooltips"]
+    for name, tooltip in zip(entry["output_name"], entry["output_tooltips"]):
+        assert (tooltip or "").strip(), f"{node} output {name} has no tooltip"
 
 
-def test_every_pack_node_has_a_help_page():
+def help_urls(entry, locale):
+    """The URLs the frontend (NodeHelpService.fetchCustomNodeHelp, comfyui_frontend_package 1.32.9) fetches a
+    custom node's help page from, in its order: the locale's page, then (when that is not ok) the plain one. The
+    pack's name is the second part of the node's python_module, as the frontend's extractCustomNodeName reads it."""
+    pack = entry["python_module"].split(".")[1].split("@")[0]
+    return f"/extensions/{pack}/docs/{entry['name']}/{locale}.md", f"/extensions/{pack}/docs/{entry['name']}.md"
+
+
+def test_every_pack_node_has_a_help_page(server, object_info):
+    """Each node's page is web/docs/<node>/en.md, served at the first URL the frontend tries in English; other
+    locales get a 404 there and the fallback web/docs/<node>.md, a relative symlink to the same page (ComfyUI's
+    static route serves links that stay inside web/)."""
     docs = Path(__file__).resolve().parents[2] / "web" / "docs"
-    for node in PACK_NODES:
-        page = docs / f"{node}.md"
-        assert page.is_file(), f"missing help page {page}"
-        assert page.read_text().lstrip().startswith("#"), f"{page} does not start with a heading"
+    pack_nodes = sorted(n for n, e in object_info.items() if e["python_module"] == "custom_nodes.fewstep")
+    assert set(PACK_NODES) <= set(pack_nodes)
+    for node in pack_nodes:
+        first, fallback = help_urls(object_info[node], "en")
+        status, served = server.get_text(first)
+        assert status == 200, f"GET {first}, the frontend's first try, answered HTTP {status}"
+        page = docs / node / "en.md"
+        assert served == page.read_text(encoding="utf-8"), f"GET {first} is not {page}"
+        assert served.lstrip().startswith("#"), f"{page} does not start with a heading"
+        other_first, other_fallback = help_urls(object_info[node], "fr")
+        assert other_fallback == fallback and server.get_text(other_first)[0] == 404
+        assert server.get_text(fallback) == (200, served), f"GET {fallback}"
+        assert os.readlink(docs / f"{node}.md") == f"{node}/en.md"  # a link, not a copy that can drift
+    assert sorted(p.name for p in docs.iterdir() if p.is_dir()) == pack_nodes
 
 
 # -- shipped workflows -------------------------------------------------------------------------

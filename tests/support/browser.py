@@ -3,6 +3,7 @@
     with FrontendPage.open(server) as page:         # one Chromium, fresh profile, one page on the server
         page.drop_workflow(path)                    # a drop event with the file, as when a user drags it in
         page.graph()                                # what the canvas holds: nodes, widget values, links
+        page.select_node("FewStepLoraLoader")       # a click on the node's title bar
         prompt_id = page.press_run()                # the Run button; the prompt id /prompt answered it
 
 Chromium is /usr/bin/chromium (Debian's package; .ci/run installs it), never a Playwright download. The page
@@ -43,6 +44,16 @@ _GRAPH = """() => {
     const links = [...graph.links.values()].map((l) => [l.id, l.origin_id, l.origin_slot, l.target_id,
         graph.getNodeById(l.target_id)?.inputs?.[l.target_slot]?.name ?? null]);
     return {nodes, links, path: window.app.extensionManager?.workflow?.activeWorkflow?.path ?? null};
+}"""
+
+# The page coordinates of a point on a node's title bar (a little right of its collapse dot), or null.
+_TITLE_POINT = """(type) => {
+    const node = window.app.graph.nodes.find((n) => n.type === type);
+    if (!node) return null;
+    const [x, y] = window.app.canvas.ds.convertOffsetToCanvas(
+        [node.pos[0] + 60, node.pos[1] - window.LiteGraph.NODE_TITLE_HEIGHT / 2]);
+    const box = window.app.canvas.canvas.getBoundingClientRect();
+    return {x: box.left + x, y: box.top + y};
 }"""
 
 
@@ -144,6 +155,16 @@ class FrontendPage:
 
     def graph(self) -> dict:
         return self.page.evaluate(_GRAPH)
+
+    def select_node(self, node_type: str):
+        """Click the title bar of the (first) node of this type on the canvas, as a user selects it; wait until the
+        canvas has it selected (the selection toolbox then shows above it)."""
+        point = self.page.evaluate(_TITLE_POINT, node_type)
+        if point is None:
+            raise AssertionError(f"no {node_type} node on the canvas")
+        self.page.mouse.click(point["x"], point["y"])
+        self.page.wait_for_function("(type) => [...window.app.canvas.selectedItems].some((n) => n.type === type)",
+                                    arg=node_type)
 
     def missing_nodes_dialog(self) -> str | None:
         """The text of the "missing nodes" dialog if the frontend shows one, else None."""

@@ -246,6 +246,14 @@ class ComfyServer:
             except ValueError:
                 return err.code, {"error": body.decode(errors="replace")}
 
+    def get_text(self, path, timeout=30.0) -> tuple[int, str]:
+        """(HTTP status, body as text) of a GET, whatever the status: static files such as the help pages."""
+        try:
+            with urllib.request.urlopen(self.url + path, timeout=timeout) as response:
+                return response.status, response.read().decode()
+        except urllib.error.HTTPError as err:
+            return err.code, err.read().decode(errors="replace")
+
     def get_json(self, path, timeout=30.0):
         status, body = self._request("GET", path, timeout=timeout)
         if status != 200:
