@@ -5,7 +5,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 NODE = "FewStepLoraLoader"
-WORKFLOW = REPO / "example_workflows" / "pcm_lora_fast_sampler.json"
+WORKFLOW = REPO / "workflows" / "pcm_lora_fast_sampler.json"
 
 
 def test_info_button_shows_the_help_page_from_the_first_url(frontend, server):
