@@ -9,6 +9,7 @@ from PIL import Image
 
 from support.server import execution_error, history_status
 from support.ui_format import renumbered
+from tests.e2e.test_server import expected_size
 
 REPO = Path(__file__).resolve().parents[2]
 UI_WORKFLOWS = sorted((REPO / "workflows").glob("*.json"))  # the templates ComfyUI lists
@@ -69,7 +70,8 @@ def test_run_button_runs_the_workflow_to_an_image(frontend, server, path):
     files = server.output_files(entry)
     assert len(files) == 1 and files[0].is_file(), files
     pixels = np.asarray(Image.open(files[0]).convert("RGB")).astype(np.float64)
-    assert pixels.shape[:2] == (64, 64)
+    width, height = expected_size(_api(path))
+    assert pixels.shape[:2] == (height, width)
     assert pixels.std() > 1.0, f"{files[0].name} is (nearly) constant"
 
 
