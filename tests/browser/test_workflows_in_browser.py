@@ -55,6 +55,24 @@ def test_dropped_workflow_shows_what_the_file_holds(frontend, path):
 
 
 @pytest.mark.parametrize("path", UI_WORKFLOWS, ids=_ids(UI_WORKFLOWS))
+def test_nodes_are_big_enough_and_do_not_overlap(frontend, path):
+    """On the canvas, every node is at least the size the frontend computes for its slots and widgets (nothing
+    spills out), and no two nodes' boxes (title bar included) overlap."""
+    from support.ui_format import TITLE_HEIGHT
+
+    frontend.drop_workflow(path)
+    boxes = frontend.node_boxes()
+    small = {i: (b["size"], b["min"]) for i, b in boxes.items()
+             if b["size"][0] < b["min"][0] - 1 or b["size"][1] < b["min"][1] - 1}
+    assert not small, f"nodes smaller than their content (size, needed): {small}"
+    rects = {i: (b["pos"][0], b["pos"][1] - TITLE_HEIGHT, b["pos"][0] + b["size"][0], b["pos"][1] + b["size"][1])
+             for i, b in boxes.items()}
+    overlaps = [(a, b) for a in rects for b in rects if a < b and rects[a][0] < rects[b][2] and rects[b][0] < rects[a][2]
+                and rects[a][1] < rects[b][3] and rects[b][1] < rects[a][3]]
+    assert not overlaps, f"overlapping nodes (ids): {overlaps}"
+
+
+@pytest.mark.parametrize("path", UI_WORKFLOWS, ids=_ids(UI_WORKFLOWS))
 def test_frontend_turns_the_workflow_into_its_api_twin(frontend, path):
     frontend.drop_workflow(path)
     prompt = frontend.evaluate("async () => (await window.app.graphToPrompt()).output")

@@ -104,6 +104,6 @@ def test_training_node_widgets_default_to_distill_config(comfy_host):
     config = dataclasses.asdict(DistillConfig())
     inputs = {i.id: i for i in node_class(comfy_host, "FewStepPCMDistill").define_schema().inputs}
     shared = sorted(set(inputs) & set(config))
-    assert len(shared) == 15, shared
+    assert len(shared) == 19, shared  # 15 training settings + method and its three TSCD settings
     assert {k: inputs[k].default for k in shared} == {k: config[k] for k in shared}
     assert (inputs["rank"].default, inputs["alpha"].default) == (DEFAULT_RANK, DEFAULT_ALPHA)

@@ -156,6 +156,12 @@ class FrontendPage:
     def graph(self) -> dict:
         return self.page.evaluate(_GRAPH)
 
+    def node_boxes(self) -> dict:
+        """{node id: {"pos", "size", "min"}} of the canvas' nodes: where they are, how big, and the size the frontend
+        computes for their content (slots and widgets)."""
+        return {int(k): v for k, v in self.page.evaluate("""() => Object.fromEntries(window.app.graph.nodes.map(
+            (n) => [n.id, {pos: [...n.pos], size: [...n.size], min: [...n.computeSize()]}]))""").items()}
+
     def select_node(self, node_type: str):
         """Click the title bar of the (first) node of this type on the canvas, as a user selects it; wait until the
         canvas has it selected (the selection toolbox then shows above it)."""

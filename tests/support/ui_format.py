@@ -56,7 +56,39 @@ def _upload_widget(spec):
     return "image" if options.get("image_upload") else None
 
 
-def api_to_ui(api: dict, object_info: dict) -> dict:
+DEFAULT_SIZE = (300, 200)
+TITLE_HEIGHT, GAP = 30, 40  # LiteGraph draws a node's title above its pos; the space between nodes
+
+
+def layout(api: dict, sizes: dict | None = None) -> dict:
+    """{node key: (x, y)}: one column per link depth (a node sits right of everything it reads from), nodes of a
+    column stacked top to bottom, each box (title included) `GAP` apart, at `sizes` ({key: (w, h)}, the
+    frontend's own sizes; DEFAULT_SIZE without them)."""
+    sizes = sizes or {}
+    depth = {}
+
+    def depth_of(key):
+        if key not in depth:
+            depth[key] = 0  # a cycle cannot occur in a valid prompt; this stops one anyway
+            sources = [v[0] for v in api[key]["inputs"].values()
+                       if isinstance(v, list) and len(v) == 2 and isinstance(v[0], str) and v[0] in api]
+            depth[key] = 1 + max((depth_of(src) for src in sources), default=-1)
+        return depth[key]
+
+    columns = {}
+    for key in api:
+        columns.setdefault(depth_of(key), []).append(key)
+    positions, x = {}, 40
+    for d in sorted(columns):
+        y = 40 + TITLE_HEIGHT
+        for key in columns[d]:
+            positions[key] = (x, y)
+            y += sizes.get(key, DEFAULT_SIZE)[1] + TITLE_HEIGHT + GAP
+        x += max(sizes.get(key, DEFAULT_SIZE)[0] for key in columns[d]) + GAP
+    return positions
+
+
+def api_to_ui(api: dict, object_info: dict, sizes: dict | None = None) -> dict:
     ids = {key: i + 1 for i, key in enumerate(api)}
     links, nodes = [], []
     out_links = {}
@@ -86,6 +118,8 @@ def api_to_ui(api: dict, object_info: dict) -> dict:
                 if _upload_widget(spec) is not None:
                     widgets.append(_upload_widget(spec))
         nodes.append({"key": key, "inputs": inputs, "widgets": widgets, "info": info})
+    sizes = sizes or {}
+    positions = layout(api, sizes)
     ui_nodes = []
     for order, n in enumerate(nodes):
         info, key = n["info"], n["key"]
@@ -93,7 +127,7 @@ def api_to_ui(api: dict, object_info: dict) -> dict:
                    for slot, (name, kind) in enumerate(zip(info["output_name"], info["output"]))]
         ui_nodes.append({
             "id": ids[key], "type": api[key]["class_type"], "title": api[key].get("_meta", {}).get("title"),
-            "pos": [40 + 340 * (order % 4), 40 + 320 * (order // 4)], "size": [300, 200], "flags": {},
+            "pos": list(positions[key]), "size": list(sizes.get(key, DEFAULT_SIZE)), "flags": {},
             "order": order, "mode": 0, "inputs": n["inputs"], "outputs": outputs,
             "properties": {"Node name for S&R": api[key]["class_type"]}, "widgets_values": n["widgets"],
         })
