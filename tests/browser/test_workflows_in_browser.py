@@ -117,3 +117,40 @@ def test_training_progress_message_is_handled(frontend, console):
     assert status == "step 3/400  loss 0.01235", status
     unknown = [m for m in console.messages() if "fewstep.train" in m or "Unknown message type" in m]
     assert not unknown, unknown
+
+
+def test_templates_dialog_lists_each_workflow_once_and_opens_it(frontend):
+    """Workflow → Browse Templates → EXTENSIONS → fewstep: one card per shipped workflow, and clicking it opens that
+    workflow's graph."""
+    from support.server import PACK_NAME
+
+    page = frontend.page
+    for path in UI_WORKFLOWS:
+        frontend.evaluate("() => window.app.extensionManager.command.execute('Comfy.BrowseTemplates')")
+        page.wait_for_selector('[data-testid="template-workflows-content"]')
+        page.locator(".p-dialog").get_by_text(PACK_NAME, exact=True).click()  # EXTENSIONS → the pack's category
+        cards = page.locator(f'[data-testid="template-workflow-{path.stem}"]')
+        cards.first.wait_for(state="attached")
+        assert cards.count() == 1, f"{path.stem}: {cards.count()} cards"
+        loads = frontend.evaluate("() => window.__fewstepLoads ?? 0")
+        with page.expect_response(lambda r: f"/workflow_templates/" in r.url and r.url.endswith(f"/{path.stem}.json")) \
+                as info:
+            cards.first.click()
+        assert info.value.status == 200
+        page.wait_for_function("(n) => (window.__fewstepLoads ?? 0) > n || !document.querySelector("
+                               "'[data-testid=\"template-workflows-content\"]')", arg=loads)
+        page.wait_for_function("(n) => window.app.graph.nodes.length === n", arg=len(json.loads(path.read_text())["nodes"]))
+        frontend.close_dialogs()
+
+
+def test_ksampler_lists_the_packs_samplers_and_schedulers(frontend):
+    from fewstep.samplers.registry import SAMPLERS
+    from fewstep.schedulers.registry import SCHEDULERS
+
+    options = frontend.evaluate("""() => {
+        const node = window.LiteGraph.createNode("KSampler");
+        const values = (name) => node.widgets.find((w) => w.name === name).options.values;
+        return [values("sampler_name"), values("scheduler")];
+    }""")
+    assert set(SAMPLERS) <= set(options[0]) and set(SCHEDULERS) <= set(options[1]), options
+    assert all(options[0].count(n) == 1 for n in SAMPLERS) and all(options[1].count(n) == 1 for n in SCHEDULERS)
