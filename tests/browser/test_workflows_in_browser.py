@@ -154,3 +154,17 @@ def test_ksampler_lists_the_packs_samplers_and_schedulers(frontend):
     }""")
     assert set(SAMPLERS) <= set(options[0]) and set(SCHEDULERS) <= set(options[1]), options
     assert all(options[0].count(n) == 1 for n in SAMPLERS) and all(options[1].count(n) == 1 for n in SCHEDULERS)
+
+
+@pytest.mark.parametrize("name", ["pcm_lora_fast_sampler", "hyper_sd_lora_ksampler"])
+def test_the_lora_workflows_show_what_the_loader_recognised(frontend, server, name):
+    """After Run, the graph itself shows the Fast LoRA Loader's summary (and, with KSampler, the preset's note)."""
+    frontend.drop_workflow(REPO / "workflows" / f"{name}.json")
+    entry = server.wait(frontend.press_run(), timeout=180)
+    assert history_status(entry) == "success", execution_error(entry)
+    shown = frontend.evaluate("""() => window.app.graph.nodes.filter((n) => n.type === "PreviewAny")
+        .map((n) => [n.title, (n.widgets || []).map((w) => String(w.value ?? "")).join(" ")])""")
+    texts = dict(shown)
+    assert "keys missed" in texts.get("What the LoRA loader recognised", ""), shown
+    if name == "hyper_sd_lora_ksampler":
+        assert texts.get("What KSampler cannot express", "").strip(), shown
