@@ -399,6 +399,22 @@ def test_templates_list_each_workflow_once_and_open(server):
         assert graph == json.loads((WORKFLOWS_DIR.parent / f"{name}.json").read_text())
 
 
+def test_every_template_has_its_card_image(server):
+    """The Templates dialog shows /api/workflow_templates/<pack>/<name>.jpg on each card: scripts/write_thumbnails.py
+    makes it from the workflow's own output (64×64 digits scaled up, the schedule plot scaled down)."""
+    import io
+
+    from support.server import PACK_NAME
+
+    for name in server.get_json("/workflow_templates")[PACK_NAME]:
+        status, kind, body = server.get_bytes(f"/api/workflow_templates/{PACK_NAME}/{name}.jpg")
+        assert status == 200 and kind == "image/jpeg", (name, status, kind)
+        image = Image.open(io.BytesIO(body))
+        assert image.format == "JPEG" and image.width == 256 and image.height >= 128, (name, image.size)
+        pixels = np.asarray(image.convert("L")).astype(np.float64)
+        assert pixels.std() > 1.0, f"{name}.jpg is (nearly) constant"
+
+
 def test_server_alive_at_the_end(server):
     assert server.alive()
     stats = server.get_json("/system_stats")

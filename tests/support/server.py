@@ -246,13 +246,18 @@ class ComfyServer:
             except ValueError:
                 return err.code, {"error": body.decode(errors="replace")}
 
-    def get_text(self, path, timeout=30.0) -> tuple[int, str]:
-        """(HTTP status, body as text) of a GET, whatever the status: static files such as the help pages."""
+    def get_bytes(self, path, timeout=30.0) -> tuple[int, str, bytes]:
+        """(HTTP status, content type, body) of a GET, whatever the status: static files (help pages, images)."""
         try:
             with urllib.request.urlopen(self.url + path, timeout=timeout) as response:
-                return response.status, response.read().decode()
+                return response.status, response.headers.get("Content-Type", ""), response.read()
         except urllib.error.HTTPError as err:
-            return err.code, err.read().decode(errors="replace")
+            return err.code, err.headers.get("Content-Type", ""), err.read()
+
+    def get_text(self, path, timeout=30.0) -> tuple[int, str]:
+        """(HTTP status, body as text) of a GET, whatever the status: static files such as the help pages."""
+        status, _, body = self.get_bytes(path, timeout)
+        return status, body.decode(errors="replace")
 
     def get_json(self, path, timeout=30.0):
         status, body = self._request("GET", path, timeout=timeout)
