@@ -29,9 +29,23 @@ class RefusedValue(str):
     def _refuse(self, *_):
         raise ValueError(self.reason)
 
+    def __reduce__(self):
+        # ComfyUI deep-copies a queued prompt (a prompt whose other outputs are valid runs, carrying this value in
+        # the node it will not run): copies must keep the reason
+        return (_refused_from_text, (str.__str__(self), self.reason))
+
+    def __deepcopy__(self, memo):
+        return self  # immutable
+
     # Not __str__: ComfyUI formats the value into its error message. So STRING inputs cannot be refused this way
     # (str() always succeeds); the nodes check their few text inputs in validate_inputs.
     __bool__ = __int__ = __float__ = __index__ = _refuse
+
+
+def _refused_from_text(text, reason):
+    refused = str.__new__(RefusedValue, text)
+    refused.reason = reason
+    return refused
 
 
 @functools.lru_cache(maxsize=None)

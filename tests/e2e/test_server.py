@@ -312,11 +312,17 @@ def test_out_of_range_inputs_of_pack_schedulers_are_validation_errors(server, ca
 # Values ComfyUI's own checks let through or turn into raw errors (NaN passes every min/max test; bool("false") is
 # True): refused at /prompt by the pack's screen (host/input_checks.py, hooked in by host/registration.py).
 NAN = float("nan")  # the test client's json.dumps writes NaN, and the server's JSON reader accepts it
+def _sampler_only(graph):
+    """The graph without its text previews: the sampler's branch is then its only output (else ComfyUI runs the
+    valid outputs and reports the refused node in node_errors: test_a_refused_value_in_one_branch_...)."""
+    return {k: v for k, v in graph.items() if v["class_type"] != "PreviewAny"}
+
+
 SCREEN_CASES = {
-    "fast_sampler_cfg_nan": (lambda: _set(load_workflow("pcm_lora_fast_sampler"), "FewStepFastSampler", cfg=NAN),
-                             ["cfg is NaN"]),
-    "fast_sampler_denoise_nan": (lambda: _set(load_workflow("pcm_lora_fast_sampler"), "FewStepFastSampler",
-                                              denoise=NAN), ["denoise is NaN"]),
+    "fast_sampler_cfg_nan": (lambda: _set(_sampler_only(load_workflow("pcm_lora_fast_sampler")), "FewStepFastSampler",
+                                          cfg=NAN), ["cfg is NaN"]),
+    "fast_sampler_denoise_nan": (lambda: _set(_sampler_only(load_workflow("pcm_lora_fast_sampler")),
+                                              "FewStepFastSampler", denoise=NAN), ["denoise is NaN"]),
     "pcm_scheduler_denoise_nan": (lambda: _set(load_workflow("pcm_phased_custom"), "FewStepPCMScheduler",
                                                denoise=NAN), ["denoise is NaN"]),
     "hyper_sd_denoise_nan": (lambda: _set(load_workflow("hyper_sd_1step"), "FewStepHyperSD1StepScheduler",
@@ -331,7 +337,7 @@ SCREEN_CASES = {
                         ["alpha is NaN"]),
     "train_steps_text": (lambda: _set(load_workflow("pcm_distill_train"), "FewStepPCMDistill", steps="many"),
                          ["steps must be a whole number, got 'many'"]),
-    "lora_strength_inf": (lambda: _set(load_workflow("pcm_lora_fast_sampler"), "FewStepLoraLoader",
+    "lora_strength_inf": (lambda: _set(_sampler_only(load_workflow("pcm_lora_fast_sampler")), "FewStepLoraLoader",
                                        strength_clip=float("inf")), ["Value inf bigger than max of 10.0"]),
 }
 
@@ -340,6 +346,20 @@ SCREEN_CASES = {
 def test_values_comfyui_lets_through_are_refused_at_prompt(server, case):
     build, words = SCREEN_CASES[case]
     _check_rejected(server, build(), words)
+
+
+def test_a_refused_value_in_one_branch_lets_the_other_outputs_run(server):
+    """ComfyUI runs the outputs that validate and reports the others: the refused Fast Sampler value is named in
+    node_errors, the loader's summary preview runs, and the queued prompt (which carries the refused value in a node
+    it does not run) is copied and stored without harm: the server answers the next prompt."""
+    graph = with_unique_prefix(_set(load_workflow("pcm_lora_fast_sampler"), "FewStepFastSampler", cfg=NAN))
+    submitted = server.post_prompt(graph)
+    assert submitted.ok, submitted.messages()
+    assert "cfg is NaN" in json.dumps(submitted.body.get("node_errors")), submitted.body
+    entry = server.wait(submitted.prompt_id, timeout=120)
+    assert history_status(entry) == "success", execution_error(entry)
+    assert not server.output_files(entry)  # the sampler's branch did not run
+    assert_good_prompt_runs(server)
 
 
 def test_a_validation_message_is_given_once(server):

@@ -154,7 +154,14 @@ def test_refused_values_are_reported_by_comfyui_and_serialise(comfy_host):
         with pytest.raises(ValueError, match="cfg is NaN"):
             convert(refused)
     assert f"{refused}" == "nan"  # ComfyUI formats the value into its error details
+    import copy
     import json
+    import pickle
+
+    for twin in (copy.deepcopy(refused), copy.copy(refused), pickle.loads(pickle.dumps(refused))):
+        assert twin == "nan" and isinstance(twin, RefusedValue) and twin.reason == "cfg is NaN"
+        with pytest.raises(ValueError, match="cfg is NaN"):
+            float(twin)
 
     assert json.loads(json.dumps({"v": refused})) == {"v": "nan"}
 
