@@ -213,6 +213,19 @@ def test_validate_inputs_names_the_problem(comfy_host):
     assert cls.validate_inputs(output_name="d" * 100) is True
 
 
+def train_and_load_in_core(comfy_host, run_node, model, latents, conds, name, **settings):
+    """Train, then load the LoRA with core LoraLoaderModelOnly: every key applied (no "lora key not loaded"), as many
+    patches as the student has, finite validation images at 1, 2 and 4 steps. (lora_name, metadata)."""
+    with captured_log(logging.WARNING) as log:
+        student, lora_name, _, validation = train(run_node, model, latents, *conds, name, **settings)
+        (core,) = run_node("LoraLoaderModelOnly", model=model, lora_name=lora_name, strength_model=1.0)
+    assert not any("lora key not loaded" in m for m in log.messages())
+    tensors, meta = read_lora(comfy_host, name)
+    assert len(core.patches) == len(student.patches) == len(tensors) // 3
+    assert validation.shape[0] == 3 and torch.isfinite(validation).all()
+    return lora_name, meta
+
+
 @pytest.mark.parametrize("arch", ["sdxl", "sd3", "flux"])
 def test_each_architecture_trains_and_loads_in_core(arch, comfy_host, run_node, arch_models):
     """The smallest models ComfyUI's detection allows; conditioning shaped as CLIPTextEncode gives it, seeded."""
@@ -230,14 +243,8 @@ def test_each_architecture_trains_and_loads_in_core(arch, comfy_host, run_node, 
 
     latents = {"samples": torch.randn(2, LATENT_CHANNELS[arch], 8, 8, generator=g)}
     name = f"t_arch_{arch}"
-    with captured_log(logging.WARNING) as log:
-        student, lora_name, _, validation = train(run_node, model, latents, cond(), cond(), name, steps=2, rank=2)
-        (core,) = run_node("LoraLoaderModelOnly", model=model, lora_name=lora_name, strength_model=1.0)
-    assert not any("lora key not loaded" in m for m in log.messages())
-    tensors, meta = read_lora(comfy_host, name)
+    _, meta = train_and_load_in_core(comfy_host, run_node, model, latents, (cond(), cond()), name, steps=2, rank=2)
     assert meta["fewstep.base_arch"] == arch
-    assert len(core.patches) == len(student.patches) == len(tensors) // 3
-    assert validation.shape[0] == 3 and torch.isfinite(validation).all()
     assert all(torch.isfinite(v) for v in state_of(comfy_host, name)[0]["losses"])
 
 
@@ -257,15 +264,9 @@ def test_each_method_trains_loads_in_core_and_gives_its_preset(arch, method, ext
     latents = {"samples": torch.randn(2, LATENT_CHANNELS[arch], 8, 8, generator=g)}
     name = f"t_method_{method}_{arch}_{len(extra)}_{extra.get('tscd_stage_steps', '')}".replace(",", "-")
     conds = data[1:] if arch == "sd15" else (seeded_conditioning(arch, 8, g), seeded_conditioning(arch, 8, g))
-    with captured_log(logging.WARNING) as log:
-        student, lora_name, _, validation = train(run_node, model, latents, *conds, name, method=method,
-                                                  **{"rank": 2, **extra})
-        (core,) = run_node("LoraLoaderModelOnly", model=model, lora_name=lora_name, strength_model=1.0)
-    assert not any("lora key not loaded" in m for m in log.messages())
-    tensors, meta = read_lora(comfy_host, name)
+    lora_name, meta = train_and_load_in_core(comfy_host, run_node, model, latents, conds, name, method=method,
+                                             **{"rank": 2, **extra})
     assert meta["fewstep.method"] == method
-    assert len(core.patches) == len(student.patches) == len(tensors) // 3
-    assert validation.shape[0] == 3 and torch.isfinite(validation).all()
     _, _, loaded_preset, summary = run_node("FewStepLoraLoader", model=model, lora_name=lora_name, strength_model=1.0,
                                             strength_clip=1.0, use_recommended_strength=True)
     assert (loaded_preset.sampler, loaded_preset.scheduler, loaded_preset.gamma) == preset, summary
