@@ -1,8 +1,11 @@
-"""Write workflows/<name>.jpg, the Templates dialog's card image of each shipped workflow, from that workflow's own
+"""Write workflows/<title>.jpg, the Templates dialog's card image of each shipped workflow, from that workflow's own
 output: each API twin in workflows/api/ is run as shipped on a headless ComfyUI with the embedded digits model (the
 training workflow trains its 400 steps: a few CPU minutes), and the image it saves is scaled up (the digits are
-64×64) and written as JPEG. The frontend asks for /api/workflow_templates/<pack>/<name>.jpg.
-Usage: python scripts/write_thumbnails.py [name ...]   (default: every workflow in workflows/api/)
+64×64) and written as JPEG next to the workflow's UI file (tests/support/workflow_catalog.py's title). The frontend
+asks for /api/workflow_templates/<pack>/<title>.jpg. A workflow whose real models do not ship (runs_on_digits False
+in the catalog: its output on the tests' random stand-ins is noise) gets a picture of its graph on the real frontend's
+canvas instead (needs the browser tier's Chromium).
+Usage: python scripts/write_thumbnails.py [id ...]   (default: every workflow in workflows/api/)
 """
 import json
 import sys
@@ -17,6 +20,7 @@ sys.path.insert(0, str(REPO_ROOT / "tests"))
 
 from support.pack_server import pack_server  # noqa: E402
 from support.server import execution_error, history_status  # noqa: E402
+from support.workflow_catalog import WORKFLOWS  # noqa: E402
 
 
 def thumbnail(image: Image.Image) -> Image.Image:
@@ -27,11 +31,46 @@ def thumbnail(image: Image.Image) -> Image.Image:
     return image.resize((THUMBNAIL_WIDTH, height), Image.LANCZOS)
 
 
+def graph_card(server, name) -> Image.Image:
+    """The workflow's UI file on the canvas, fitted to the view, as a 256 px wide picture."""
+    import base64
+    import io
+
+    from support.browser import FrontendPage
+
+    with FrontendPage.open(server) as page:
+        page.drop_workflow(UI_DIR / f"{WORKFLOWS[name].title}.json")
+        # fit the graph's bounding box into the canvas, draw, and read the canvas' own pixels (no page overlays)
+        data_url = page.evaluate("""() => {
+            const canvas = window.app.canvas, nodes = window.app.graph.nodes;
+            const x0 = Math.min(...nodes.map((n) => n.pos[0])) - 20, y0 = Math.min(...nodes.map((n) => n.pos[1])) - 50;
+            const x1 = Math.max(...nodes.map((n) => n.pos[0] + n.size[0])) + 20;
+            const y1 = Math.max(...nodes.map((n) => n.pos[1] + n.size[1])) + 20;
+            const el = canvas.canvas, side = Math.max(x1 - x0, y1 - y0);
+            const scale = Math.min(el.width, el.height) / side / (window.devicePixelRatio || 1);
+            canvas.ds.scale = scale;
+            canvas.ds.offset = [-x0 + (side - (x1 - x0)) / 2, -y0 + (side - (y1 - y0)) / 2];
+            canvas.show_info = false;  // the corner's frame-rate text
+            canvas.setDirty(true, true);
+            canvas.draw(true, true);
+            return el.toDataURL("image/png");
+        }""")
+        shot = base64.b64decode(data_url.split(",", 1)[1])
+    image = Image.open(io.BytesIO(shot)).convert("RGB")
+    side = min(image.size)  # the card is square: the graph was fitted into the canvas' top-left square
+    return image.crop((0, 0, side, side)).resize((THUMBNAIL_WIDTH, THUMBNAIL_WIDTH), Image.LANCZOS)
+
+
 def main(names):
     server = pack_server()
     server.start()
     try:
         for name in names:
+            if not WORKFLOWS[name].runs_on_digits:
+                card = graph_card(server, name)
+                card.save(UI_DIR / f"{WORKFLOWS[name].title}.jpg", quality=90)
+                print(f"wrote workflows/{WORKFLOWS[name].title}.jpg ({card.width}×{card.height}) from its graph", flush=True)
+                continue
             graph = json.loads((API_DIR / f"{name}.json").read_text())
             submitted = server.post_prompt(graph)
             if not submitted.ok:
@@ -41,8 +80,9 @@ def main(names):
                 raise SystemExit(f"{name}: {execution_error(entry)}")
             (image_path,) = server.output_files(entry)
             card = thumbnail(Image.open(image_path).convert("RGB"))
-            card.save(UI_DIR / f"{name}.jpg", quality=90)
-            print(f"wrote workflows/{name}.jpg ({card.width}×{card.height}) from {image_path.name}", flush=True)
+            title = WORKFLOWS[name].title
+            card.save(UI_DIR / f"{title}.jpg", quality=90)
+            print(f"wrote workflows/{title}.jpg ({card.width}×{card.height}) from {image_path.name}", flush=True)
     finally:
         server.stop()
         server.cleanup()

@@ -3,9 +3,11 @@ button, and the node library's help panel shows web/docs/<node>/en.md, fetched a
 (NodeHelpService.fetchCustomNodeHelp: /extensions/<pack>/docs/<node>/<locale>.md, then /extensions/<pack>/docs/<node>.md)."""
 from pathlib import Path
 
+from support.workflow_catalog import ui_file_name
+
 REPO = Path(__file__).resolve().parents[2]
 NODE = "FewStepLoraLoader"
-WORKFLOW = REPO / "workflows" / "pcm_lora_fast_sampler.json"
+WORKFLOW = REPO / "workflows" / ui_file_name("pcm_lora_fast_sampler")
 
 
 def test_info_button_shows_the_help_page_from_the_first_url(frontend, server):

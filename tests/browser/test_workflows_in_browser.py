@@ -2,6 +2,7 @@
 the frontend turns them into their API twins, and the Run button runs the sampling ones to an image."""
 import json
 from pathlib import Path
+from urllib.parse import unquote
 
 import numpy as np
 import pytest
@@ -9,20 +10,28 @@ from PIL import Image
 
 from support.server import execution_error, history_status
 from support.ui_format import renumbered
+from support.workflow_catalog import WORKFLOWS, ui_file_name
 from tests.e2e.test_server import expected_size
 
 REPO = Path(__file__).resolve().parents[2]
 UI_WORKFLOWS = sorted((REPO / "workflows").glob("*.json"))  # the templates ComfyUI lists
 TRAINING = {"pcm_distill_train"}  # minutes of training: loaded and converted here, run by tests/e2e
-SAMPLING = [p for p in UI_WORKFLOWS if p.stem not in TRAINING]
+
+
+def _twin(path):
+    """The API twin's id a UI file was written from (write_ui_workflows keeps it in extra)."""
+    return json.loads(path.read_text()).get("extra", {}).get("fewstep_api_twin")
+
+
+SAMPLING = [p for p in UI_WORKFLOWS if _twin(p) not in TRAINING]
 
 
 def _ids(paths):
-    return [p.stem for p in paths]
+    return [_twin(p) or p.stem for p in paths]
 
 
 def _api(path):
-    return renumbered(json.loads((REPO / "workflows" / "api" / path.name).read_text()))
+    return renumbered(json.loads((REPO / "workflows" / "api" / f"{_twin(path)}.json").read_text()))
 
 
 # Inputs the frontend adds to a node's prompt entry for a widget of its own (core PreviewAny's text display,
@@ -40,7 +49,8 @@ def _inputs_only(prompt):
 def test_every_ui_workflow_has_an_api_twin():
     assert UI_WORKFLOWS, "no workflows/*.json"
     for path in UI_WORKFLOWS:
-        assert (REPO / "workflows" / "api" / path.name).is_file(), f"{path.name} has no workflows/api/ twin"
+        twin = _twin(path)
+        assert twin and (REPO / "workflows" / "api" / f"{twin}.json").is_file(), f"{path.name} has no workflows/api/ twin"
 
 
 @pytest.mark.parametrize("path", UI_WORKFLOWS, ids=_ids(UI_WORKFLOWS))
@@ -115,7 +125,7 @@ def test_training_progress_message_is_handled(frontend, console):
     """The training node's "fewstep.train" message reaches web/fewstep.js's listener (the node shows step and loss)
     instead of the frontend's "Unknown message type" warning. The message (nodes/train.py's keys) comes in through
     the page's own websocket handler: a real training prompt takes ~100 s on a busy 2-core CPU, too long here."""
-    frontend.drop_workflow(REPO / "workflows" / "pcm_distill_train.json")
+    frontend.drop_workflow(REPO / "workflows" / ui_file_name("pcm_distill_train"))
     status = frontend.evaluate("""() => {
         const node = window.app.graph.nodes.find((n) => n.type === "FewStepPCMDistill");
         const message = {type: "fewstep.train", data: {node: String(node.id), step: 3, total: 400, loss: 0.0123456, eta_s: 60}};
@@ -140,9 +150,10 @@ def test_templates_dialog_lists_each_workflow_once_and_opens_it(frontend):
         cards = page.locator(f'[data-testid="template-workflow-{path.stem}"]')
         cards.first.wait_for(state="attached")
         assert cards.count() == 1, f"{path.stem}: {cards.count()} cards"
+        assert path.stem in cards.first.inner_text(), f"the card shows {cards.first.inner_text()!r}"
         loads = frontend.evaluate("() => window.__fewstepLoads ?? 0")
-        with page.expect_response(lambda r: f"/workflow_templates/" in r.url and r.url.endswith(f"/{path.stem}.json")) \
-                as info:
+        with page.expect_response(lambda r: "/workflow_templates/" in r.url
+                                  and unquote(r.url).endswith(f"/{path.stem}.json")) as info:
             cards.first.click()
         assert info.value.status == 200
         page.wait_for_function("(n) => (window.__fewstepLoads ?? 0) > n || !document.querySelector("
@@ -167,7 +178,7 @@ def test_ksampler_lists_the_packs_samplers_and_schedulers(frontend):
 @pytest.mark.parametrize("name", ["pcm_lora_fast_sampler", "hyper_sd_lora_ksampler"])
 def test_the_lora_workflows_show_what_the_loader_recognised(frontend, server, name):
     """After Run, the graph itself shows the Fast LoRA Loader's summary (and, with KSampler, the preset's note)."""
-    frontend.drop_workflow(REPO / "workflows" / f"{name}.json")
+    frontend.drop_workflow(REPO / "workflows" / ui_file_name(name))
     entry = server.wait(frontend.press_run(), timeout=180)
     assert history_status(entry) == "success", execution_error(entry)
     shown = frontend.evaluate("""() => window.app.graph.nodes.filter((n) => n.type === "PreviewAny")
@@ -176,3 +187,32 @@ def test_the_lora_workflows_show_what_the_loader_recognised(frontend, server, na
     assert "keys missed" in texts.get("What the LoRA loader recognised", ""), shown
     if name == "hyper_sd_lora_ksampler":
         assert texts.get("What KSampler cannot express", "").strip(), shown
+
+
+@pytest.mark.parametrize("name", ["hyper_sd_lora_ksampler", "hyper_sdxl_1step_unet"])
+def test_missing_public_models_are_named_before_run(frontend, server, name):
+    """A user without the published files the workflow loads is told on drop, not at Run: the frontend's "missing
+    models" dialog lists each (folder / file) with a download it allows. The files are taken out of the server's
+    model folders for the test (the page reloaded before each drop: the frontend keeps folder listings it has read);
+    with them present, no dialog."""
+    path = REPO / "workflows" / ui_file_name(name)
+    expected = sorted(f"{m.directory} / {m.name}" for m in WORKFLOWS[name].models)
+    links = [server.base_dir / "models" / m.directory / m.name for m in WORKFLOWS[name].models]
+    moved = [link.with_name(link.name + ".away") for link in links]
+    for link, away in zip(links, moved):
+        link.rename(away)
+    try:
+        frontend.reload()
+        frontend.drop_workflow(path)
+        rows = frontend.missing_models()
+        frontend.close_dialogs()
+    finally:
+        for link, away in zip(links, moved):
+            away.rename(link)
+    assert rows is not None, "no missing-models dialog"
+    shown = sorted(row.splitlines()[0].strip() for row in rows)
+    assert shown == expected, rows
+    assert not any("not allowed" in row or "Only allowed" in row for row in rows), rows
+    frontend.reload()
+    frontend.drop_workflow(path)
+    assert frontend.missing_models(timeout_ms=2_000) is None

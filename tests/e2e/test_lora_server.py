@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 
 from support.server import execution_error, history_status
 from support.ui_format import renumbered, ui_to_api
+from support.workflow_catalog import ui_file_name
 from tests.e2e.test_server import (PUBLISHED_NAME_LORAS, assert_good_prompt_runs, load_workflow, on_tiny_checkpoint,
                                    only_node, with_unique_prefix)
 
@@ -27,7 +28,7 @@ def object_info(server):
 
 @pytest.mark.parametrize("name", LORA_WORKFLOWS)
 def test_ui_workflow_is_the_api_workflow(name, object_info):
-    ui = json.loads((REPO / "workflows" / f"{name}.json").read_text())
+    ui = json.loads((REPO / "workflows" / ui_file_name(name)).read_text())
     api = load_workflow(name)
     assert ui_to_api(ui, object_info) == renumbered(api)
 

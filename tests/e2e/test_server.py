@@ -10,12 +10,14 @@ import json
 import os
 import uuid
 from pathlib import Path
+from urllib.parse import quote
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from support.server import execution_error, history_status
+from support.workflow_catalog import DIGITS_CHECKPOINT, WORKFLOWS as CATALOG
 
 WORKFLOWS_DIR = Path(__file__).resolve().parents[2] / "workflows" / "api"  # the API twins
 WORKFLOWS = sorted(WORKFLOWS_DIR.glob("*.json"))
@@ -182,20 +184,33 @@ def test_every_pack_node_has_a_help_page(server, object_info):
 # -- shipped workflows -------------------------------------------------------------------------
 
 EXPECTED_WORKFLOWS = {"pcm_ksampler", "pcm_phased_custom", "tcd", "lcm", "ctm_gamma", "hyper_sd_1step",
-                      "schedule_preview", "pcm_lora_fast_sampler", "hyper_sd_lora_ksampler"}
+                      "schedule_preview", "pcm_lora_fast_sampler", "hyper_sd_lora_ksampler", "hyper_sdxl_1step_unet",
+                      "pcm_distill_train"}
 
 
 def test_workflow_set_is_complete():
     names = {p.stem for p in WORKFLOWS}
     assert EXPECTED_WORKFLOWS <= names, f"missing workflows: {EXPECTED_WORKFLOWS - names}"
+    assert names == set(CATALOG), f"API twins and the catalog differ: {names ^ set(CATALOG)}"
     prefixes = []
     for path in WORKFLOWS:
         graph = json.loads(path.read_text())
         save = only_node(graph, "SaveImage")
         prefixes.append(graph[save]["inputs"]["filename_prefix"])
+        public = {m.name for m in CATALOG[path.stem].models}  # a real file it names (the SDXL workflow's base)
         for ckpt in nodes_of(graph, "CheckpointLoaderSimple"):
-            assert graph[ckpt]["inputs"]["ckpt_name"] == "fewstep_digits_sd15.safetensors", path.name
+            assert graph[ckpt]["inputs"]["ckpt_name"] in {DIGITS_CHECKPOINT} | public, path.name
     assert len(set(prefixes)) == len(prefixes), f"filename prefixes collide: {prefixes}"
+
+
+def test_every_pack_node_is_in_a_shipped_workflow(server):
+    """All the pack's nodes appear in at least one shipped workflow (a user finds each one in a template)."""
+    from support.server import PACK_NAME
+
+    ours = {name for name, info in server.object_info().items()
+            if info.get("python_module", "").split(".")[-1] == PACK_NAME or name.startswith("FewStep")}
+    used = {node["class_type"] for path in WORKFLOWS for node in json.loads(path.read_text()).values()}
+    assert len(ours) >= 12 and not ours - used, f"in no shipped workflow: {sorted(ours - used)}"
 
 
 _digests = {}
@@ -413,8 +428,10 @@ def test_templates_list_each_workflow_once_and_open(server):
     listed = server.get_json("/workflow_templates").get(PACK_NAME, [])
     ui_names = sorted(p.stem for p in WORKFLOWS_DIR.parent.glob("*.json"))
     assert sorted(listed) == ui_names and len(set(listed)) == len(listed), listed
+    # the card's title is the file name (frontend 1.32.9): the catalog's titles, no snake_case ids
+    assert sorted(listed) == sorted(w.title for w in CATALOG.values()), listed
     for name in listed:
-        graph = server.get_json(f"/api/workflow_templates/{PACK_NAME}/{name}.json")
+        graph = server.get_json(f"/api/workflow_templates/{PACK_NAME}/{quote(name)}.json")
         assert graph.get("nodes") and graph.get("links") is not None, f"{name} is not a UI workflow"
         assert graph == json.loads((WORKFLOWS_DIR.parent / f"{name}.json").read_text())
 
@@ -427,7 +444,7 @@ def test_every_template_has_its_card_image(server):
     from support.server import PACK_NAME
 
     for name in server.get_json("/workflow_templates")[PACK_NAME]:
-        status, kind, body = server.get_bytes(f"/api/workflow_templates/{PACK_NAME}/{name}.jpg")
+        status, kind, body = server.get_bytes(f"/api/workflow_templates/{PACK_NAME}/{quote(name)}.jpg")
         assert status == 200 and kind == "image/jpeg", (name, status, kind)
         image = Image.open(io.BytesIO(body))
         assert image.format == "JPEG" and image.width == 256 and image.height >= 128, (name, image.size)

@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 
 from support.server import execution_error, history_status
 from support.ui_format import renumbered, ui_to_api
+from support.workflow_catalog import ui_file_name
 from tests.e2e.test_server import (assert_good_prompt_runs, load_workflow, on_tiny_checkpoint, only_node,
                                    with_unique_prefix)
 
@@ -67,7 +68,7 @@ def message_names(entry):
 
 
 def test_ui_workflow_is_the_api_workflow(object_info):
-    ui = json.loads((REPO / "workflows" / f"{WORKFLOW}.json").read_text())
+    ui = json.loads((REPO / "workflows" / ui_file_name(WORKFLOW)).read_text())
     assert ui_to_api(ui, object_info) == renumbered(load_workflow(WORKFLOW))
 
 

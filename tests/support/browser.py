@@ -23,6 +23,7 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
 # Settings a fresh ComfyUI user gets before the first page load: no template browser over the canvas.
 FIRST_RUN_SETTINGS = {"Comfy.TutorialCompleted": True}
 MISSING_NODES_DIALOG = '.p-dialog[aria-labelledby="global-missing-nodes"]'
+MISSING_MODELS_DIALOG = '.p-dialog[aria-labelledby="global-missing-models-warning"]'
 
 # The drop the frontend's document-level handler receives when a file is dragged onto the canvas.
 _DROP = """([text, name]) => {
@@ -103,13 +104,21 @@ class FrontendPage:
             self.page.on("console", lambda message: self.console.append(f"{message.type}: {message.text}"))
             self.page.on("pageerror", lambda error: self.console.append(f"pageerror: {error}"))
             self.page.goto(origin)
-            # the app is up once the canvas holds a graph and the Run button is there
-            self.page.wait_for_function("() => window.app?.graph && window.app.canvas")
-            self.run_button().wait_for(state="visible")
+            self._wait_until_ready()
         except BaseException:
             self.close()
             raise
         return self
+
+    def _wait_until_ready(self):
+        # the app is up once the canvas holds a graph and the Run button is there
+        self.page.wait_for_function("() => window.app?.graph && window.app.canvas")
+        self.run_button().wait_for(state="visible")
+
+    def reload(self):
+        """Reload the page: a fresh app, which forgets e.g. the model folder listings it has read."""
+        self.page.reload()
+        self._wait_until_ready()
 
     def close(self):
         for step in (lambda: self._context and self._context.close(), lambda: self._playwright and self._playwright.stop()):
@@ -176,6 +185,16 @@ class FrontendPage:
         """The text of the "missing nodes" dialog if the frontend shows one, else None."""
         dialog = self.page.locator(MISSING_NODES_DIALOG)
         return dialog.first.inner_text() if dialog.count() else None
+
+    def missing_models(self, timeout_ms: float = 5_000) -> list[str] | None:
+        """The rows ("folder / file") of the "missing models" dialog if the frontend shows one within `timeout_ms`
+        (it opens after the graph is on the canvas, once the model folders were listed), else None."""
+        dialog = self.page.locator(MISSING_MODELS_DIALOG)
+        try:
+            dialog.first.wait_for(state="visible", timeout=timeout_ms)
+        except Exception:
+            return None
+        return [row.inner_text() for row in dialog.first.locator(".comfy-missing-models li").all()]
 
     def close_dialogs(self):
         while self.page.locator(".p-dialog").count():

@@ -2,7 +2,8 @@
 
 It holds the tiny random SD1.5 checkpoint with LoRAs named like published files (plumbing tests), and the
 embedded digits model with its shipped PCM LoRA and the training workflow's digits image (what the shipped
-workflows load). `ServerSession` is what a tier's conftest wires into a session fixture and a report hook:
+workflows load), and the tiny random SDXL checkpoint and UNet under the names the Hyper-SDXL 1-step UNet workflow
+loads (it runs, to noise: no SDXL-sized real model ships). `ServerSession` is what a tier's conftest wires into a session fixture and a report hook:
 when a test fails, the last lines of the server log are attached to its report, and the server's temporary
 base directory (log, output images) is kept for a look instead of being deleted.
 """
@@ -14,6 +15,8 @@ from . import digits_model
 from .lora_files import cached_demo_loras
 from .server import REPO_ROOT, ComfyServer
 from .tiny_checkpoint import cached_tiny_sd15
+from .tiny_models import cached_tiny_sdxl, cached_tiny_sdxl_unet
+from .workflow_catalog import HYPER_SDXL_UNET, SDXL_BASE
 
 
 def pack_server(checkpoint: Path | None = None, digits_checkpoint: Path | None = None) -> ComfyServer:
@@ -21,8 +24,9 @@ def pack_server(checkpoint: Path | None = None, digits_checkpoint: Path | None =
     checkpoint = checkpoint or cached_tiny_sd15()
     digits_checkpoint = digits_checkpoint or digits_model.cached_digits_sd15()
     training_images = digits_model.write_training_images(REPO_ROOT / ".cache" / digits_model.TRAINING_IMAGES)
+    sdxl = {f"checkpoints/{SDXL_BASE}": cached_tiny_sdxl(), f"diffusion_models/{HYPER_SDXL_UNET}": cached_tiny_sdxl_unet()}
     return ComfyServer(checkpoints=[checkpoint, digits_checkpoint], inputs=[training_images],
-                       loras=cached_demo_loras(checkpoint), lora_copies=[digits_model.PCM_LORA_PATH])
+                       loras=cached_demo_loras(checkpoint), lora_copies=[digits_model.PCM_LORA_PATH], model_links=sdxl)
 
 
 class ServerSession:

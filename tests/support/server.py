@@ -95,8 +95,11 @@ def execution_error(entry: dict) -> dict | None:
 
 class ComfyServer:
     def __init__(self, checkpoints=(), base_dir=None, port=None, python=None, comfyui=None,
-                 startup_timeout=120.0, extra_args=(), loras=(), inputs=(), lora_copies=()):
+                 startup_timeout=120.0, extra_args=(), loras=(), inputs=(), lora_copies=(), model_links=None):
         self.checkpoints = [Path(c) for c in checkpoints]
+        # {"diffusion_models/<name>": file}: a file linked under models/ by another name (e.g. a tiny SDXL UNet under
+        # the published 1-step UNet's name, which a shipped workflow loads)
+        self.model_links = {str(k): Path(v) for k, v in (model_links or {}).items()}
         self.loras = [Path(p) for p in loras]
         self.inputs = [Path(p) for p in inputs]  # files linked into input/ (LoadImage's folder)
         # copied, not linked: a LoRA the training node may write under the same name (it refuses to follow a link)
@@ -143,6 +146,13 @@ class ComfyServer:
                     link.symlink_to(file.resolve())
         for file in self.lora_copies:
             shutil.copyfile(file, self.base_dir / "models" / "loras" / file.name)
+        for relative, file in self.model_links.items():
+            link = self.base_dir / "models" / relative
+            if not file.is_file():
+                raise FileNotFoundError(f"model file {file} (for models/{relative}) does not exist")
+            link.parent.mkdir(parents=True, exist_ok=True)
+            if not link.exists():
+                link.symlink_to(file.resolve())
 
     def start(self) -> "ComfyServer":
         if self.process is not None:

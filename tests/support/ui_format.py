@@ -57,6 +57,8 @@ def _upload_widget(spec):
 
 
 DEFAULT_SIZE = (300, 200)
+NOTE_TYPES = ("Note", "MarkdownNote")  # the frontend's own virtual nodes: shown on the canvas, never in a prompt
+NOTE_SIZE = (620, 180)
 TITLE_HEIGHT, GAP = 30, 40  # LiteGraph draws a node's title above its pos; the space between nodes
 
 
@@ -88,7 +90,12 @@ def layout(api: dict, sizes: dict | None = None) -> dict:
     return positions
 
 
-def api_to_ui(api: dict, object_info: dict, sizes: dict | None = None) -> dict:
+def api_to_ui(api: dict, object_info: dict, sizes: dict | None = None, note: str | None = None,
+              models=(), twin: str | None = None) -> dict:
+    """The UI workflow of `api`; with `note`, a Markdown Note above the graph (id n + 1, so the graph's own nodes
+    keep ids 1..n); `models` ({name, url, directory} dicts) go on the nodes whose widget value is that file name
+    (the frontend's per-node check), the rest on the workflow (checked whatever the widgets say); `twin` (the API
+    file's id) is kept in extra.fewstep_api_twin."""
     ids = {key: i + 1 for i, key in enumerate(api)}
     links, nodes = [], []
     out_links = {}
@@ -120,6 +127,8 @@ def api_to_ui(api: dict, object_info: dict, sizes: dict | None = None) -> dict:
         nodes.append({"key": key, "inputs": inputs, "widgets": widgets, "info": info})
     sizes = sizes or {}
     positions = layout(api, sizes)
+    top = NOTE_SIZE[1] + TITLE_HEIGHT + GAP if note else 0  # the note's row above the graph
+    positions = {key: (x, y + top) for key, (x, y) in positions.items()}
     ui_nodes = []
     for order, n in enumerate(nodes):
         info, key = n["info"], n["key"]
@@ -131,15 +140,31 @@ def api_to_ui(api: dict, object_info: dict, sizes: dict | None = None) -> dict:
             "order": order, "mode": 0, "inputs": n["inputs"], "outputs": outputs,
             "properties": {"Node name for S&R": api[key]["class_type"]}, "widgets_values": n["widgets"],
         })
-    return {"last_node_id": len(api), "last_link_id": len(links), "nodes": ui_nodes, "links": links,
-            "groups": [], "config": {}, "extra": {}, "version": 0.4}
+    unplaced = []
+    for model in models:
+        users = [node for node in ui_nodes if model["name"] in node["widgets_values"]]
+        for node in users:
+            node["properties"].setdefault("models", []).append(dict(model))
+        if not users:
+            unplaced.append(dict(model))
+    if note:
+        ui_nodes.append({
+            "id": len(api) + 1, "type": "MarkdownNote", "title": "About this workflow",
+            "pos": [40, 40 + TITLE_HEIGHT], "size": list(NOTE_SIZE), "flags": {}, "order": len(ui_nodes), "mode": 0,
+            "inputs": [], "outputs": [], "properties": {}, "widgets_values": [note], "color": "#432", "bgcolor": "#653",
+        })
+    workflow = {"last_node_id": len(ui_nodes), "last_link_id": len(links), "nodes": ui_nodes, "links": links,
+                "groups": [], "config": {}, "extra": {"fewstep_api_twin": twin} if twin else {}, "version": 0.4}
+    if unplaced:
+        workflow["models"] = unplaced
+    return workflow
 
 
 def ui_to_api(ui: dict, object_info: dict) -> dict:
     links = {link[0]: link for link in ui["links"]}
     api = {}
     for node in ui["nodes"]:
-        if node.get("mode", 0) != 0:
+        if node.get("mode", 0) != 0 or node["type"] in NOTE_TYPES:
             continue
         info = object_info[node["type"]]
         linked = {i["name"]: links[i["link"]] for i in node.get("inputs", []) if i.get("link") is not None}
