@@ -46,8 +46,8 @@ def test_each_file_carries_its_note(workflow_id):
     assert notes[0]["widgets_values"] == [WORKFLOWS[workflow_id].note]
     text = WORKFLOWS[workflow_id].note
     assert len(text) > 150 and "**" in text  # a heading line and more than one sentence
-    if WORKFLOWS[workflow_id].runs_on_digits and workflow_id != "schedule_preview":
-        assert "digits model" in text and "own SD1.5 checkpoint" in text or workflow_id == "pcm_distill_train"
+    if WORKFLOWS[workflow_id].runs_on_digits and workflow_id not in ("schedule_preview", "pcm_distill_train"):
+        assert "digits model" in text and "own SD1.5 checkpoint" in text  # how to run it as shipped, how on yours
 
 
 @pytest.mark.parametrize("workflow_id", sorted(WORKFLOWS))
