@@ -15,7 +15,7 @@ from tests.e2e.test_server import expected_size
 
 REPO = Path(__file__).resolve().parents[2]
 UI_WORKFLOWS = sorted((REPO / "workflows").glob("*.json"))  # the templates ComfyUI lists
-TRAINING = {"pcm_distill_train"}  # minutes of training: loaded and converted here, run by tests/e2e
+TRAINING = {"pcm_distill_train"}  # minutes of training as shipped: run below with its steps turned down
 
 
 def _twin(path):
@@ -109,6 +109,28 @@ def test_run_button_runs_the_workflow_to_an_image(frontend, server, path):
     width, height = expected_size(_api(path))
     assert pixels.shape[:2] == (height, width)
     assert pixels.std() > 1.0, f"{files[0].name} is (nearly) constant"
+
+
+def test_run_button_trains_with_the_training_workflow(frontend, server):
+    """The training template, run from the canvas as a user would after turning its steps down (400 steps are
+    minutes here; tests/e2e and make demo train the full run): the node trains, the student is sampled and saved."""
+    import uuid
+
+    path = REPO / "workflows" / ui_file_name("pcm_distill_train")
+    frontend.drop_workflow(path)
+    name = f"browser_{uuid.uuid4().hex[:8]}"
+    frontend.evaluate("""(name) => {
+        const node = window.app.graph.nodes.find((n) => n.type === "FewStepPCMDistill");
+        const set = (widget, value) => { node.widgets.find((w) => w.name === widget).value = value; };
+        set("steps", 3); set("batch_size", 2); set("output_name", name);
+    }""", name)
+    entry = server.wait(frontend.press_run(), timeout=600)
+    assert history_status(entry) == "success", execution_error(entry)
+    assert (server.base_dir / "models" / "loras" / f"{name}.safetensors").is_file()
+    files = server.output_files(entry)
+    assert len(files) == 1 and files[0].name.startswith("fewstep_pcm_distill_train"), files
+    pixels = np.asarray(Image.open(files[0]).convert("RGB")).astype(np.float64)
+    assert pixels.shape[:2] == (64, 64) and pixels.std() > 1.0
 
 
 def test_new_training_node_seed_control_starts_fixed(frontend):
