@@ -79,6 +79,12 @@ def value_problem(name, kind, low, high, value):
     return None
 
 
+def _shown(value, limit=60):
+    """repr(value), cut to `limit` characters: a whole prompt list in a widget shifted by one stays one line."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit - 1]}… ({len(text)} characters)"
+
+
 def type_problem(name, kind, low, high, value):
     """value_problem without the range: what ComfyUI's own checks let through or answer with a raw error."""
     if isinstance(value, RefusedValue):
@@ -86,12 +92,12 @@ def type_problem(name, kind, low, high, value):
     if kind == "BOOLEAN":
         if isinstance(value, bool):
             return None
-        return f"{name} must be true or false (a JSON boolean), got {value!r}; a string such as \"false\" would " \
-               "count as true."
+        return f"{name} must be true or false (a JSON boolean), got {_shown(value)}; a string such as \"false\" " \
+               "would count as true."
     number = _as_number(value, kind)
     what = "a whole number" if kind == "INT" else "a number"
     if number is None:
-        return f"{name} must be {what}, got {value!r}."
+        return f"{name} must be {what}, got {_shown(value)}."
     if isinstance(number, float) and math.isnan(number):
         return f"{name} is NaN (not a number); give {what} in {_number_text(low)}..{_number_text(high)}."
     if kind == "INT" and not (math.isfinite(number) and float(number).is_integer()):

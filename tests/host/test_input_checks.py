@@ -170,3 +170,15 @@ def test_valid_numbers_given_as_text_are_left_to_comfyui(comfy_host):
     """ComfyUI reads "12" as 12; the screen does not refuse what ComfyUI converts correctly."""
     classes = pack_nodes(comfy_host)
     assert input_problems(classes["FewStepPCMScheduler"], {"steps": "12", "denoise": "0.5"}) == {}
+
+
+def test_a_long_wrong_value_is_shown_short(comfy_host):
+    """A widget list shifted by one puts the training node's 100 prompt lines into `resume`: the message names the
+    input and the value's start, on one short line, not the whole text."""
+    from fewstep.host.input_checks import type_problem
+
+    prompts = "\n".join(f"a handwritten digit {d}" for d in range(10) for _ in range(10))
+    message = type_problem("resume", "BOOLEAN", None, None, prompts)
+    assert message.startswith("resume must be true or false") and "a handwritten digit 0" in message
+    assert len(message) < 200 and f"({len(repr(prompts))} characters)" in message
+    assert type_problem("steps", "INT", 0, 10, "many") == "steps must be a whole number, got 'many'."
