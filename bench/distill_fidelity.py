@@ -1,4 +1,4 @@
-"""Distillation fidelity on real data: PCM (M = 2, 4) vs a one-phase consistency student (M = 1), few steps.
+"""Distillation fidelity on real data: LCM-style (M = 1), PCM (M = 4), Hyper-SD's TSCD and TCD, few steps.
 
 Data: scikit-learn's bundled digits (1,797 8×8 images, no download; a bench-only dependency, see
 requirements-bench.txt), pixels 0..16 scaled to [−1, 1], a fixed 1,500 / 297 train / held-out split.
@@ -6,22 +6,32 @@ requirements-bench.txt), pixels 0..16 scaled to [−1, 1], a fixed 1,500 / 297 t
 1. Teacher: a small class-conditional ε-prediction UNet (labels 0–9 plus a null label for CFG's unconditional
    branch, 10 % label dropout) on SD's scaled-linear schedule (`DiscreteVPSampling`), trained a few minutes on
    the CPU. Cached in bench_out/ under a hash of its config (`--retrain` ignores the cache).
-2. Students: the engine (`distill.engine.Distiller`) trains a LoRA on the teacher for M = 1, 2, 4 phases on the
-   K-point DDIM grid, CFG-augmented teacher at a fixed guidance w (ComfyUI CFG 1 + w), several seeds each.
-3. Evaluation, every model on the same initial noise and labels, at 1, 2, 4, 8, 16 steps:
-   `pcm` on the student's own phase edges (pcm schedule with its M, K) and on trailing steps; `tcd` (γ = 0.3)
-   and `lcm` on the LCM 50-point grid; the undistilled teacher (DDIM, CFG 1 + w) as a reference row.
+2. Students: the engine (`distill.engine.Distiller`) trains a LoRA on the teacher with each method, the same
+   number of optimiser steps (and batch, learning rate, rank) for every method, on the K-point DDIM grid,
+   CFG-augmented teacher at a fixed guidance w (ComfyUI CFG 1 + w), several seeds each:
+     LCM (M = 1)   method "pcm", one phase: the single-stage consistency baseline;
+     PCM (M = 4)   method "pcm", four phases;
+     TSCD 8→4→2→1  method "tscd": the stages share the one budget, split evenly (the engine's default for an
+                   empty tscd_stage_steps), each later stage's solver the previous stage's frozen LoRA;
+     TCD           method "tcd": the student jumps to any end point s below the teacher's next point.
+3. Evaluation, every model on the same initial noise and labels, at 1, 2, 4, 8 steps, each method with its own
+   sampler: LCM with `lcm` on the LCM 50-point grid (ComfyUI's `lcm` sampler is TCD with γ = 1) and with `pcm`
+   on its one phase; PCM with `pcm` on its phase edges; TSCD and TCD with `tcd` at γ = 0, 0.3 and 1 on the LCM
+   grid (the tcd sampler's schedule, `lcm_sigmas`); the undistilled teacher (DDIM on trailing steps, CFG 1 + w)
+   as a reference row.
    (a) RMSE (pixels in [−1, 1]) to the teacher's 50-step DDIM endpoint (its probability-flow ODE on the
        K = 50 grid, CFG 1 + w) from the same noise — the function the students are trained to reproduce;
    (b) Fréchet distance on the penultimate features of a small digit classifier against the held-out digits.
        Every set compared has the held-out class mix (generated labels = held-out labels tiled twice): with
        class features, a different mix alone moves the distance. Floors: the teacher's 50-step samples, and as
        many real train digits (same class mix; the classifier is trained on the rest of the train split).
-Cells are mean ± half-range over the training seeds. Outputs: the tables on stdout,
-bench_out/distill_fidelity.json (every number, per seed) and bench_out/distill_fidelity.png (a sample grid).
+Cells are mean ± half-range over the training seeds. The claims checked, whichever way they come out: Hyper-SD's,
+that TSCD beats single-stage training (LCM, M = 1) at 1 step; TCD's, that its quality does not fall as the steps
+grow, unlike LCM's. Outputs: the tables and the claims on stdout, bench_out/distill_fidelity.json (every number,
+per seed) and bench_out/distill_fidelity.png (a sample grid).
 
 Run: `make bench` (installs requirements-bench.txt), or .venv/bin/python bench/distill_fidelity.py
-[--quick] [--retrain] [--threads N]. --quick is a < 1 minute smoke run with tiny settings (numbers meaningless),
+[--quick] [--retrain] [--threads N (default 1)]. --quick is a < 1 minute smoke run with tiny settings (numbers meaningless),
 written to bench_out/distill_fidelity_quick.{json,png}.
 """
 import argparse
@@ -53,7 +63,7 @@ from fewstep.distill.engine import DistillConfig, Distiller, LatentData  # noqa:
 from fewstep.distill.lora import LoraSet, lora_targets  # noqa: E402
 from fewstep.samplers.common import seeded_noise_sampler  # noqa: E402
 from fewstep.samplers.pcm import sample_pcm  # noqa: E402
-from fewstep.samplers.tcd import sample_tcd  # noqa: E402
+from fewstep.samplers.tcd import DEFAULT_GAMMA, sample_tcd  # noqa: E402
 from fewstep.schedulers.lcm import lcm_sigmas  # noqa: E402
 from support.model_sampling import DiscreteVPSampling, initial_noise_scale  # noqa: E402
 from fewstep.schedulers.pcm import pcm_sigmas  # noqa: E402
@@ -61,21 +71,30 @@ from fewstep.schedulers.pcm import pcm_sigmas  # noqa: E402
 NULL_LABEL = 10  # the unconditional "prompt"
 TEACHER_VERSION = "1"  # bump when the network or its training changes: the cache key includes it
 
+# The methods compared: a display name and the DistillConfig fields that make it (the rest is cfg["distill"]).
+METHODS = [
+    {"name": "LCM (M=1)", "method": "pcm", "phases": 1},
+    {"name": "PCM (M=4)", "method": "pcm", "phases": 4},
+    {"name": "TSCD 8→4→2→1", "method": "tscd", "tscd_segments": "8,4,2,1"},
+    {"name": "TCD", "method": "tcd"},
+]
+
 FULL = {
     "split_seed": 0, "n_train": 1500,
     "teacher": {"width": 48, "steps": 4000, "batch": 128, "lr": 2e-3, "warmup": 200, "ema": 0.999,
                 "label_drop": 0.1, "seed": 0},
     "classifier": {"epochs": 20, "batch": 100, "lr": 2e-3, "weight_decay": 1e-3, "dropout": 0.5, "features": 32, "seed": 0},
     "guidance_w": 0.5,  # teacher CFG 1 + w, fixed (w_min = w_max) so the RMSE reference is one well-defined ODE
-    "ddim_timesteps": 50, "phases": [1, 2, 4], "seeds": [0, 1],
-    "distill": {"steps": 800, "batch": 128, "lr": 5e-4, "rank": 16},
-    "eval_per_held": 2, "eval_seed": 1234, "steps": [1, 2, 4, 8, 16], "tcd_gamma": 0.3, "reference_steps": 50,
+    "ddim_timesteps": 50, "methods": METHODS, "seeds": [0, 1],
+    "distill": {"steps": 500, "batch": 128, "lr": 5e-4, "rank": 16},  # per method; TSCD's stages share the steps
+    "eval_per_held": 2, "eval_seed": 1234, "steps": [1, 2, 4, 8], "tcd_gammas": [0.0, 0.3, 1.0],
+    "reference_steps": 50,
 }
 QUICK = {
     **FULL,
     "teacher": {**FULL["teacher"], "width": 16, "steps": 150, "warmup": 20},
     "classifier": {**FULL["classifier"], "epochs": 3},
-    "phases": [1, 4], "steps": [1, 2, 4],
+    "steps": [1, 2, 4],
     "distill": {**FULL["distill"], "steps": 8, "batch": 32, "rank": 4},
     "eval_per_held": 1, "reference_steps": 10,
 }
@@ -301,18 +320,20 @@ def frechet_distance(stats_a, stats_b):
 
 # ---------------------------------------------------------------- students
 
-def distill_student(cfg, teacher, x_train, y_train, phases, seed):
-    """A LoRA student on its own copy of the teacher's network, trained by the engine; returns (model, info)."""
+def distill_student(cfg, teacher, x_train, y_train, spec, seed):
+    """A LoRA student on its own copy of the teacher's network, trained by the engine with the method of `spec`
+    (an entry of METHODS); returns (model, info)."""
     dc = cfg["distill"]
     network = DigitUNet(cfg["teacher"]["width"])
     network.load_state_dict(teacher.network.state_dict())
     network.requires_grad_(False)
     model = SigmaSpaceModel(network, teacher.model_sampling)
     lora = LoraSet(network, lora_targets(network), rank=dc["rank"], alpha=dc["rank"], seed=seed)
-    config = DistillConfig(phases=phases, ddim_timesteps=cfg["ddim_timesteps"], steps=dc["steps"],
+    method = {k: v for k, v in spec.items() if k != "name"}
+    config = DistillConfig(ddim_timesteps=cfg["ddim_timesteps"], steps=dc["steps"],
                            batch_size=dc["batch"], learning_rate=dc["lr"], cfg_mode="small",
                            w_min=cfg["guidance_w"], w_max=cfg["guidance_w"], huber_c=0.001,
-                           precision="fp32", seed=seed, deterministic=True)
+                           precision="fp32", seed=seed, deterministic=True, **method)
     data = LatentData(latents=x_train, cond=y_train, uncond=torch.tensor([NULL_LABEL]))
     distiller = Distiller(config, model.denoise, lora, data, model.model_sampling)
     start, losses = time.perf_counter(), []
@@ -320,26 +341,36 @@ def distill_student(cfg, teacher, x_train, y_train, phases, seed):
         losses.append(float(distiller.train_step()))
     seconds = time.perf_counter() - start
     lora.requires_grad_(False)
-    return model, {"seconds": seconds, "loss_first": float(np.mean(losses[:50])), "loss_last": float(np.mean(losses[-50:]))}
+    window = max(1, min(50, config.steps // 4))
+    info = {"seconds": seconds, "loss_first": float(np.mean(losses[:window])),
+            "loss_last": float(np.mean(losses[-window:])), "trained_segments": config.trained_segments(config.steps)}
+    if config.method == "tscd":
+        info["stage_steps"] = config.stage_steps()
+    return model, info
 
 
 # ---------------------------------------------------------------- evaluation
 
-def sampler_rows(cfg, phases):
-    """(row name, sampler fn, schedule fn) for a student with `phases` phases; None phases = the teacher."""
-    k, gamma = cfg["ddim_timesteps"], cfg["tcd_gamma"]
+def sampler_rows(cfg, spec):
+    """(sampler name, schedule name, sampler fn, schedule fn) rows of a student made with `spec` (an entry of
+    METHODS): each method's own sampler(s); spec None = the teacher's DDIM."""
+    k = cfg["ddim_timesteps"]
     pcm = lambda model, x, sigmas, extra, ns: sample_pcm(model, x, sigmas, extra_args=extra)  # noqa: E731
-    tcd = lambda model, x, sigmas, extra, ns: sample_tcd(model, x, sigmas, extra_args=extra, gamma=gamma, noise_sampler=ns)  # noqa: E731
-    # ComfyUI's `lcm` sampler (x = D, then D + σ'·z when σ' > 0) is TCD with γ = 1: jump to x̂0, re-noise fully.
-    lcm = lambda model, x, sigmas, extra, ns: sample_tcd(model, x, sigmas, extra_args=extra, gamma=1.0, noise_sampler=ns)  # noqa: E731
-    if phases is None:
+
+    def tcd(gamma):
+        return lambda model, x, sigmas, extra, ns: sample_tcd(model, x, sigmas, extra_args=extra, gamma=gamma, noise_sampler=ns)
+
+    lcm_grid = lambda ms, n: lcm_sigmas(ms, n)  # noqa: E731  the tcd preset's and the lcm sampler's schedule
+    if spec is None:
         return [("pcm (DDIM)", "trailing", pcm, lambda ms, n: pcm_sigmas(ms, n))]
-    return [
-        ("pcm", f"edges M={phases} K={k}", pcm, lambda ms, n: pcm_sigmas(ms, n, phases=phases, ddim_steps=k)),
-        ("pcm", "trailing", pcm, lambda ms, n: pcm_sigmas(ms, n)),
-        (f"tcd γ={gamma:g}", "lcm grid", tcd, lambda ms, n: lcm_sigmas(ms, n)),
-        ("lcm", "lcm grid", lcm, lambda ms, n: lcm_sigmas(ms, n)),
-    ]
+    if spec["method"] == "pcm":
+        phases = spec["phases"]
+        edges = ("pcm", f"edges M={phases} K={k}", pcm, lambda ms, n: pcm_sigmas(ms, n, phases=phases, ddim_steps=k))
+        if phases == 1:
+            # ComfyUI's `lcm` sampler (x = D, then D + σ'·z when σ' > 0) is TCD with γ = 1: jump to x̂0, re-noise fully.
+            return [("lcm", "lcm grid", tcd(1.0), lcm_grid), edges]
+        return [edges]
+    return [(f"tcd γ={gamma:g}", "lcm grid", tcd(gamma), lcm_grid) for gamma in cfg["tcd_gammas"]]
 
 
 @torch.no_grad()
@@ -396,46 +427,69 @@ def mean_of(results, model_name, row, n, metric):
     return float(np.mean(values)), (max(values) - min(values)) / 2
 
 
-def print_claims(results, floors, cfg):
-    k = cfg["ddim_timesteps"]
-    edge = lambda m: f"pcm | edges M={m} K={k}"  # noqa: E731
+def paired_difference(results, a, row_a, n_a, b, row_b, n_b, metric):
+    """a − b per seed (the i-th seed of each: same training seed, same evaluation noise): (mean, half-range)."""
+    diffs = [ra[row_a][n_a][metric] - rb[row_b][n_b][metric] for ra, rb in zip(results[a], results[b])]
+    return float(np.mean(diffs)), (max(diffs) - min(diffs)) / 2
+
+
+def compare(a, b, lower_better_name, higher_name):
+    """Verdict on two (mean, half-range) cells, lower is better: a difference counts only when the seed ranges do
+    not overlap (|mean_a − mean_b| > half-range_a + half-range_b)."""
+    gap = abs(a[0] - b[0]) - (a[1] + b[1])
+    if gap <= 0:
+        return "within the seed spread"
+    return f"{lower_better_name} better" if a[0] < b[0] else f"{higher_name} better"
+
+
+def print_claims(results, floors, cfg, stage_steps):
+    """stage_steps: TSCD's optimiser steps per stage, as trained (for the text)."""
     fmt = lambda v: f"{v[0]:.3f} ± {v[1]:.3f}"  # noqa: E731
     fmtd = lambda v: f"{v[0]:.2f} ± {v[1]:.2f}"  # noqa: E731
-    teacher = "teacher" if "teacher" in results else None
-    print("\nPaper claims, as measured here (mean ± half-range over seeds):")
-    if "PCM M=4" in results:
-        r4, f4 = mean_of(results, "PCM M=4", edge(4), 4, "rmse"), mean_of(results, "PCM M=4", edge(4), 4, "fd")
-        line = f"- PCM-4 at 4 steps vs the teacher: RMSE to the teacher's {cfg['reference_steps']}-step endpoint {fmt(r4)}"
-        if teacher and 4 in cfg["steps"]:
-            t4 = [mean_of(results, "teacher", "pcm (DDIM) | trailing", 4, m)[0] for m in ("rmse", "fd")]
-            line += f" (undistilled teacher DDIM at 4 steps: RMSE {t4[0]:.3f}, FD {t4[1]:.2f})"
-        line += f"; FD {fmtd(f4)} vs the teacher's {cfg['reference_steps']}-step FD {floors['teacher_50']:.2f} (real-data floor {floors['real']:.2f})."
-        print(line)
-    if "M=1" in results:
-        m1_rows = ["pcm | trailing", "lcm | lcm grid"]
-        for m, n in ((2, 2), (4, 4), (4, 2)):
-            name = f"PCM M={m}"
-            if name not in results or n not in cfg["steps"]:
-                continue
-            r, f = mean_of(results, name, edge(m), n, "rmse"), mean_of(results, name, edge(m), n, "fd")
-            base = ", ".join(f"M=1 {row.split(' | ')[0]} RMSE {fmt(mean_of(results, 'M=1', row, n, 'rmse'))}, "
-                             f"FD {fmtd(mean_of(results, 'M=1', row, n, 'fd'))}" for row in m1_rows)
-            print(f"- {n} steps: PCM M={m} (own edges) RMSE {fmt(r)}, FD {fmtd(f)}; {base}.")
-    if "PCM M=4" in results and set(cfg["steps"]) >= {4, 16}:
-        tail = [n for n in cfg["steps"] if n >= 4]
-        for name, row in (("PCM M=4", edge(4)), ("M=1", "lcm | lcm grid")):
+    steps = cfg["steps"]
+    lcm, tscd, tcd = METHODS[0]["name"], METHODS[2]["name"], METHODS[3]["name"]
+    first_row = lambda name: next(iter(results[name][0]))  # noqa: E731  at 1 step every sampler gives D(x_T)
+    print(f"\nPaper claims, as measured here (mean ± half-range over {len(cfg['seeds'])} seeds; a difference counts "
+          f"when the seed ranges do not overlap; FD floors: teacher {cfg['reference_steps']}-step "
+          f"{floors['teacher_50']:.2f}, real digits {floors['real']:.2f}):")
+    if lcm in results and tscd in results and 1 in steps:
+        print(f"- Hyper-SD's claim, TSCD beats single-stage consistency training (LCM, M = 1) at 1 step; same optimiser steps "
+              f"({cfg['distill']['steps']}; TSCD's stages {'+'.join(map(str, stage_steps))}):")
+        for metric, f in (("rmse", fmt), ("fd", fmtd)):
+            t, s = mean_of(results, tscd, first_row(tscd), 1, metric), mean_of(results, lcm, first_row(lcm), 1, metric)
+            d = paired_difference(results, tscd, first_row(tscd), 1, lcm, first_row(lcm), 1, metric)
+            others = "; ".join(f"{name} {f(mean_of(results, name, first_row(name), 1, metric))}"
+                               for name in results if name not in (tscd, lcm))
+            print(f"  {metric.upper()} at 1 step: {tscd} {f(t)} vs {lcm} {f(s)} (difference per seed {f(d)}): "
+                  f"{compare(t, s, 'TSCD', 'LCM')}. Others at 1 step: {others}.")
+    if len(steps) > 1:
+        top = steps[-1]
+        rows = [(lcm, "lcm | lcm grid"), (tcd, None), (tscd, None)]
+        print(f"- TCD's claim, its quality (FD) does not fall as the steps grow, unlike LCM's. FD at 1 → {top} steps, and "
+              f"{top} steps minus each fewer count, per seed:")
+        for name, only in rows:
             if name not in results:
                 continue
-            rm = " → ".join(f"{mean_of(results, name, row, n, 'rmse')[0]:.3f}" for n in tail)
-            fd = " → ".join(f"{mean_of(results, name, row, n, 'fd')[0]:.2f}" for n in tail)
-            print(f"- {name} {row.split(' | ')[0]} from {tail[0]} to {tail[-1]} steps: RMSE {rm}; FD {fd}.")
+            for row in results[name][0]:
+                if only is not None and row != only:
+                    continue
+                sequence = " → ".join(fmtd(mean_of(results, name, row, n, "fd")) for n in steps)
+                deltas = {n: paired_difference(results, name, row, top, name, row, n, "fd") for n in steps[:-1]}
+                worse = [n for n, d in deltas.items() if d[0] - d[1] > 0]
+                better = [n for n, d in deltas.items() if d[0] + d[1] < 0]
+                verdict = (f"worse at {top} steps than at {', '.join(map(str, worse))} beyond the seed spread (falls)"
+                           if worse else f"not worse at {top} steps than at any fewer count (does not fall)")
+                if better:
+                    verdict += f"; better than at {', '.join(map(str, better))}"
+                print(f"  {name} {row.split(' | ')[0]}: {sequence}; {top} − n: "
+                      + ", ".join(f"n={n} {fmtd(d)}" for n, d in deltas.items()) + f": {verdict}.")
 
 
 def save_grid(path, rows, per_row=10):
     """Rows of 8×8 samples (nearest ×4), a label on the left, written with PIL (a ComfyUI dependency)."""
     from PIL import Image, ImageDraw
 
-    scale, pad, label_w = 4, 2, 190
+    scale, pad, label_w = 4, 2, 230
     cell = 8 * scale + pad
     image = Image.new("L", (label_w + per_row * cell + pad, len(rows) * cell + pad), 255)
     draw = ImageDraw.Draw(image)
@@ -444,7 +498,8 @@ def save_grid(path, rows, per_row=10):
         for c, digit in enumerate(pixels):
             tile = Image.fromarray(255 - digit).resize((8 * scale, 8 * scale), Image.NEAREST)  # dark ink on white
             image.paste(tile, (label_w + pad + c * cell, pad + r * cell))
-        draw.text((4, pad + r * cell + 10), label.replace("γ", "gamma"), fill=0)  # PIL's default font has no γ
+        text = label.replace("γ", "gamma").replace("→", "-")  # PIL's default font has neither
+        draw.text((4, pad + r * cell + 10), text, fill=0)
     image.save(path)
 
 
@@ -454,11 +509,13 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny smoke run (< 1 minute); the numbers mean nothing")
     parser.add_argument("--retrain", action="store_true", help="train the teacher even if a cached one matches")
-    parser.add_argument("--threads", type=int, default=2)
+    # One thread by default: these are small tensors, and when other jobs share the cores two OpenMP threads wait on
+    # each other (the quick run took 119 s with 2 threads and 13 s with 1 at a load average of about 2, 2 cores).
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1; see the comment)")
     opts = parser.parse_args()
     cfg = QUICK if opts.quick else FULL
     torch.set_num_threads(opts.threads)
-    wall, load_start = time.perf_counter(), os.getloadavg()[0]
+    wall, cpu_start, load_start = time.perf_counter(), time.process_time(), os.getloadavg()[0]
     timings = {}
 
     x_train, y_train, x_held, y_held, ref_index = load_digits_split(cfg)
@@ -506,16 +563,20 @@ def main():
           f"(its samples classified as their label: {floors['teacher_50_acc']:.3f}); "
           f"FD real train digits ({n_eval}, unseen by the classifier) vs held-out {floors['real']:.2f}")
 
-    k = cfg["ddim_timesteps"]
     timings["distill"], timings["student_eval"] = [], []
-    for phases in cfg["phases"]:
-        name = "M=1" if phases == 1 else f"PCM M={phases}"
-        keep = [(f"pcm | edges M={phases} K={k}", n) for n in (1, 2, 4, 16)] + [("lcm | lcm grid", 4), (f"tcd γ={cfg['tcd_gamma']:g} | lcm grid", 4)]
+    stage_steps = []
+    for spec in cfg["methods"]:
+        name = spec["name"]
+        rows = sampler_rows(cfg, spec)
+        # the sample grid: each method's own sampler (tcd at the dropdown's γ), 1, 4 and the most steps
+        main_row = f"{rows[0][0]} | {rows[0][1]}" if spec["method"] == "pcm" else f"tcd γ={DEFAULT_GAMMA:g} | lcm grid"
+        keep = [(main_row, n) for n in (1, 4, cfg["steps"][-1])]
         results[name], per_seed_info[name] = [], []
         for seed in cfg["seeds"]:
-            student, info = distill_student(cfg, teacher, x_train, y_train, phases, seed)
+            student, info = distill_student(cfg, teacher, x_train, y_train, spec, seed)
+            stage_steps = info.get("stage_steps", stage_steps)
             start = time.perf_counter()
-            evaluation, kept = evaluate(cfg, student, sampler_rows(cfg, phases), 0.0, ctx, keep=keep if seed == cfg["seeds"][0] else ())
+            evaluation, kept = evaluate(cfg, student, rows, 0.0, ctx, keep=keep if seed == cfg["seeds"][0] else ())
             info["eval_seconds"] = time.perf_counter() - start
             timings["distill"].append(info["seconds"])
             timings["student_eval"].append(info["eval_seconds"])
@@ -527,22 +588,24 @@ def main():
 
     print_table(f"(a) RMSE to the teacher's {cfg['reference_steps']}-step DDIM endpoint (CFG {1 + w:g}), same noise and labels; "
                 f"{n_eval} samples; mean ± half-range over {len(cfg['seeds'])} seeds", "rmse", results, cfg, 3)
-    print("\n(tcd and lcm re-noise at every step: by design they leave the ODE path, so their RMSE measures how far, "
-          "not an error; compare them on FD.)")
+    print("\n(tcd with γ > 0 and lcm re-noise at every step: by design they leave the ODE path, so their RMSE measures "
+          "how far, not an error; compare them on FD. At 1 step every sampler gives the same D(x_T).)")
     print_table(f"(b) Fréchet distance, digit-classifier features, {n_eval} samples vs {len(x_held)} held-out digits "
                 f"(floors: teacher {cfg['reference_steps']}-step {floors['teacher_50']:.2f}, real {floors['real']:.2f})",
                 "fd", results, cfg, 2)
-    print_claims(results, floors, cfg)
+    print_claims(results, floors, cfg, stage_steps)
 
     OUT_DIR.mkdir(exist_ok=True)
     one_each = torch.tensor([int(torch.nonzero(labels == d)[0]) for d in range(10)])  # digits 0..9, same noise per column
     grid_rows = [("real held-out", torch.stack([x_held[y_held == d][0] for d in range(10)])),
                  (f"teacher {cfg['reference_steps']}-step", reference[one_each])]
-    grid_rows += [(f"{key[0]}: {key[1].split(' | ')[0]} {'edges' if 'edges' in key[1] else key[1].split(' | ')[1]} @{key[2]}", x[one_each])
-                  for key, x in grid.items()]
+    grid_rows += [(f"{key[0]}: {key[1].split(' | ')[0]} @{key[2]}", x[one_each]) for key, x in grid.items()]
     stem = "distill_fidelity_quick" if opts.quick else "distill_fidelity"  # a smoke run keeps the real results
     save_grid(OUT_DIR / f"{stem}.png", grid_rows)
     timings["total"] = time.perf_counter() - wall
+    # CPU time of this process (all its threads): unlike the wall time, it hardly moves when other jobs share the cores
+    timings["cpu"] = time.process_time() - cpu_start
+    timings["load_average_1min"] = [load_start, os.getloadavg()[0]]
     with open(OUT_DIR / f"{stem}.json", "w") as f:
         json.dump({"config": cfg, "floors": floors, "teacher": teacher_info, "students": per_seed_info,
                    "results": {m: [{row: {str(n): v for n, v in r.items()} for row, r in seed_r.items()} for seed_r in per]
@@ -551,6 +614,7 @@ def main():
     print(f"\nwrote bench_out/{stem}.json and bench_out/{stem}.png; total wall time "
           f"{timings['total']:.0f} s (teacher {timings['teacher']:.0f} s{' cached' if teacher_info['cached'] else ''}, "
           f"distillation {sum(timings['distill']):.0f} s, evaluation {timings['teacher_eval'] + sum(timings['student_eval']):.0f} s); "
+          f"CPU time {timings['cpu']:.0f} s over {torch.get_num_threads()} threads; "
           f"1-minute load average {load_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end")
 
 
