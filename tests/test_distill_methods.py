@@ -5,6 +5,7 @@ lands where the teacher's own solver chain from x_t lands (at TCD's end point s,
 zero loss; so it has with the closed-form probability-flow ODE map as the solver, which is checked on its own
 against a fine Euler integration. A perturbed student, or a perturbed previous stage, does not. A later TSCD stage's
 target comes from the previous stage's frozen LoRA and not from the teacher; stage boundaries resume exactly.
+Each of these holds for an ε model on the SD table and for a flow model (x = (1 − σ)·x0 + σ·ε) on SD3's shifted table.
 """
 import pytest
 import torch
@@ -15,10 +16,12 @@ from fewstep.distill.phased_loss import (jump_solver, pcm_loss, sample_phased_ta
                                          sample_tcd_targets)
 from fewstep.samplers.forward_process import ddim_step
 from fewstep.schedulers.pcm import ddim_timesteps
+from support.model_sampling import FlowSampling
 from support.toy_distill import VP as TOY_VP, make_setup, run_steps, vp_denoise
 from test_distill_loss import DATA_STD, FLOW, FLOW_SIGMAS, MEANS, SIGMAS, VP, guided, teacher
 
 K = 20
+TOY_FLOW = FlowSampling(dtype=torch.float32)
 
 
 def chain(x, t_from, t_to, w, flow):
@@ -32,12 +35,14 @@ def chain(x, t_from, t_to, w, flow):
     return x
 
 
-def exact_map(x, sigma, sigma_to, cond):
-    """Closed-form PF-ODE map of x0 ~ N(μ, s²) at x = x0 + σ·ε: (x − μ)/√(s² + σ²) is constant along it."""
+def exact_map(x, sigma, sigma_to, cond, flow=False):
+    """Closed-form PF-ODE map of x0 ~ N(μ, s²) at x = a·x0 + σ·ε (a = 1, or 1 − σ for flow): (x − a·μ)/√(a²·s² + σ²)
+    is constant along it."""
     shape = (-1,) + (1,) * (x.ndim - 1)
     mu = torch.tensor([MEANS[c] for c in cond], dtype=x.dtype).reshape(shape)
     s2 = DATA_STD ** 2
-    return mu + (x - mu) * torch.sqrt((s2 + sigma_to ** 2) / (s2 + sigma ** 2))
+    a, a_to = (1 - sigma, 1 - sigma_to) if flow else (1.0, 1.0)
+    return a_to * mu + (x - a * mu) * torch.sqrt((a_to ** 2 * s2 + sigma_to ** 2) / (a ** 2 * s2 + sigma ** 2))
 
 
 def mapping_student(edges, mapper, flow=False, perturb=0.0):
@@ -87,66 +92,76 @@ def test_tcd_teacher_chain_student_has_zero_loss_at_every_end_point(flow):
     assert loss_of(targets, mapping_student(targets.edge, on_chain, flow), flow, w=1.0).max().item() > 1e-4
 
 
-def test_the_closed_form_ode_map_is_the_probability_flow():
-    """Independent check of `exact_map`: Euler on dx/dσ = (x − D(x, σ))/σ with 20000 steps, σ 14.6 → 0.03."""
+@pytest.mark.parametrize("flow", [False, True], ids=["vp", "flow"])
+def test_the_closed_form_ode_map_is_the_probability_flow(flow):
+    """Independent check of `exact_map`: Euler on dx/dσ = (x − D(x, σ))/σ (the ODE of both parametrisations) with
+    20000 steps, from the table's top σ (VP 14.6, flow 1) to its lowest (VP 0.03, flow 0.003)."""
+    sigmas = FLOW_SIGMAS if flow else SIGMAS
     x = torch.tensor([[2.0, -1.0, 0.3]], dtype=torch.float64)
-    grid = torch.linspace(float(SIGMAS[-1]), float(SIGMAS[0]), 20001, dtype=torch.float64)
+    grid = torch.linspace(float(sigmas[-1]), float(sigmas[0]), 20001, dtype=torch.float64)
     y = x.clone()
     for a, b in zip(grid[:-1], grid[1:]):
-        y = y + (b - a) * (y - teacher(y, a, ["cat"])) / a
-    expected = exact_map(x, SIGMAS[-1], SIGMAS[0], ["cat"])
-    assert (y - expected).abs().max() < 1e-4  # measured 2.8e-5 (Euler's first-order error)
-    assert (expected - chain(x, 999, 0, 0.0, False)).abs().max() > 1e-3  # the K-grid DDIM chain: another map (6e-3)
+        y = y + (b - a) * (y - teacher(y, a, ["cat"], flow)) / a
+    expected = exact_map(x, sigmas[-1], sigmas[0], ["cat"], flow)
+    assert (y - expected).abs().max() < 2e-4  # measured VP 2.8e-5, flow 9.3e-5 (Euler's first-order error)
+    # the K-grid DDIM (Euler) chain: another map (VP 6.0e-3, flow 0.15)
+    assert (expected - chain(x, 999, 0, 0.0, flow)).abs().max() > 1e-3
 
 
-def exact_solver(x, s, s_to, cond, uncond, w):
-    return exact_map(x, s, s_to, cond)
+def exact_solver(flow):
+    return lambda x, s, s_to, cond, uncond, w: exact_map(x, s, s_to, cond, flow)
 
 
-def exact_on_grid(x, t, e, cond):
-    return exact_map(x, SIGMAS[t], SIGMAS[e], [cond])
+def exact_on_grid(flow):
+    sigmas = FLOW_SIGMAS if flow else SIGMAS
+    return lambda x, t, e, cond: exact_map(x, sigmas[t], sigmas[e], [cond], flow)
 
 
-def test_tcd_and_tscd_with_the_exact_ode_solver_have_zero_loss():
+@pytest.mark.parametrize("flow", [False, True], ids=["vp", "flow"])
+def test_tcd_and_tscd_with_the_exact_ode_solver_have_zero_loss(flow):
     """The closed-form ODE map as the solver and in the students: zero loss for TCD at every s and TSCD at every
     stage; a perturbed student or previous stage gives a loss."""
-    targets = all_tcd_pairs()
-    assert loss_of(targets, mapping_student(targets.edge, exact_on_grid), solver=exact_solver, w=0).max() < 1e-12
-    off = loss_of(targets, mapping_student(targets.edge, exact_on_grid, perturb=1e-2), solver=exact_solver, w=0)
+    targets, on_map, ms = all_tcd_pairs(), exact_on_grid(flow), FLOW if flow else VP
+    student = mapping_student(targets.edge, on_map, flow)
+    assert loss_of(targets, student, flow, solver=exact_solver(flow), w=0).max() < 1e-12
+    off = loss_of(targets, mapping_student(targets.edge, on_map, flow, perturb=1e-2), flow, solver=exact_solver(flow),
+                  w=0)
     assert (off[targets.starts_phase] > 1e-4).all()
     j = torch.arange(K)
     for before, now in [(8, 4), (4, 2), (2, 1)]:
         tg = sample_segment_targets(j, before, now, K)
         old_edges = sample_phased_targets(j, before, K).edge  # where the previous stage's student jumps
-        previous = jump_solver(mapping_student(old_edges, exact_on_grid), VP)
-        assert loss_of(tg, mapping_student(tg.edge, exact_on_grid), solver=previous).max() < 1e-12
-        wrong = jump_solver(mapping_student(old_edges, exact_on_grid, perturb=1e-2), VP)
-        assert (loss_of(tg, mapping_student(tg.edge, exact_on_grid), solver=wrong)[tg.starts_phase] > 1e-4).all()
+        previous = jump_solver(mapping_student(old_edges, on_map, flow), ms)
+        student = mapping_student(tg.edge, on_map, flow)
+        assert loss_of(tg, student, flow, solver=previous).max() < 1e-12
+        wrong = jump_solver(mapping_student(old_edges, on_map, flow, perturb=1e-2), ms)
+        assert (loss_of(tg, student, flow, solver=wrong)[tg.starts_phase] > 1e-4).all()
 
 
+@pytest.mark.parametrize("flow", [False, True], ids=["vp", "flow"])
 @pytest.mark.parametrize("segments", [(4, 2, 1), (8, 4, 2, 1)])
-def test_tscd_every_stage_of_the_teacher_chain_has_zero_loss(segments):
+def test_tscd_every_stage_of_the_teacher_chain_has_zero_loss(segments, flow):
     """Stage 1: PCM with the first number of segments and the CFG teacher's step. Later stages: the previous
     stage's student (here: the teacher chain to the old edges) jumps x_t to its edge, the student to the new edge."""
-    j, w = torch.arange(K), 3.0
-    on_chain = lambda x, t, e, c: chain(x, t, e, w, False)  # noqa: E731
+    j, w, ms = torch.arange(K), 3.0, FLOW if flow else VP
+    on_chain = lambda x, t, e, c: chain(x, t, e, w, flow)  # noqa: E731
     first = sample_phased_targets(j, segments[0], K)
-    assert loss_of(first, mapping_student(first.edge, on_chain)).max().item() < 1e-12
+    assert loss_of(first, mapping_student(first.edge, on_chain, flow), flow).max().item() < 1e-12
     for before, now in zip(segments, segments[1:]):
         tg = sample_segment_targets(j, before, now, K)
         assert set(tg.edge.tolist()) <= set(tg.t_next.tolist()) and (tg.t_next < tg.t).all()
         old_edges = sample_phased_targets(j, before, K).edge  # the previous stage's student, made on its own edges
-        previous = jump_solver(mapping_student(old_edges, on_chain), VP)
-        student = mapping_student(tg.edge, on_chain)
-        assert loss_of(tg, student, solver=previous).max().item() < 1e-12
-        off = loss_of(tg, mapping_student(tg.edge, on_chain, perturb=1e-2), solver=previous)
+        previous = jump_solver(mapping_student(old_edges, on_chain, flow), ms)
+        student = mapping_student(tg.edge, on_chain, flow)
+        assert loss_of(tg, student, flow, solver=previous).max().item() < 1e-12
+        off = loss_of(tg, mapping_student(tg.edge, on_chain, flow, perturb=1e-2), flow, solver=previous)
         assert (off[tg.starts_phase] > 1e-4).all()
-        wrong_previous = jump_solver(mapping_student(old_edges, on_chain, perturb=1e-2), VP)
-        assert (loss_of(tg, student, solver=wrong_previous)[tg.starts_phase] > 1e-4).all()
+        wrong_previous = jump_solver(mapping_student(old_edges, on_chain, flow, perturb=1e-2), ms)
+        assert (loss_of(tg, student, flow, solver=wrong_previous)[tg.starts_phase] > 1e-4).all()
         # the later stage never asks the teacher: a different teacher leaves the loss as it was
         other = lambda x, s, c, flow=False: teacher(x, s, c, flow) * 2.0 + 1.0  # noqa: E731
-        assert torch.equal(loss_of(tg, student, solver=previous, exact_teacher=other),
-                           loss_of(tg, student, solver=previous))
+        assert torch.equal(loss_of(tg, student, flow, solver=previous, exact_teacher=other),
+                           loss_of(tg, student, flow, solver=previous))
 
 
 def test_segments_that_do_not_nest_are_refused():
@@ -177,16 +192,16 @@ def test_tcd_draws_an_end_point_at_or_below_the_teacher_step_and_pcm_draws_as_be
     assert torch.equal(pcm.noise, first.noise) and torch.equal(pcm.grid_index, first.grid_index)
 
 
-def scaled_teacher_distiller(scale):
+def scaled_teacher_distiller(scale, ms=TOY_VP):
     """A TSCD distiller whose teacher (the network with the LoRA off) is multiplied by scale["teacher"]."""
     net, lora, data, config = make_setup(**TSCD, batch=4, cfg_mode="normal", empty_prompt_prob=0.0)
-    denoise = vp_denoise(net)
+    denoise = vp_denoise(net, ms)
 
     def with_teacher_scale(x, sigma, cond):
         out = denoise(x, sigma, cond)
         return out if lora.enabled else out * scale["teacher"]
 
-    return Distiller(config, with_teacher_scale, lora, data, TOY_VP)
+    return Distiller(config, with_teacher_scale, lora, data, ms)
 
 
 def loss_now(distiller):
@@ -197,11 +212,12 @@ def loss_now(distiller):
     return loss
 
 
-def test_tscd_later_stage_learns_from_the_previous_lora_not_the_teacher():
+@pytest.mark.parametrize("ms", [TOY_VP, TOY_FLOW], ids=["vp", "flow"])
+def test_tscd_later_stage_learns_from_the_previous_lora_not_the_teacher(ms):
     """At stage 2 the loss moves with the frozen previous LoRA and not at all with the teacher (LoRA off);
     at stage 1 it moves with the teacher."""
     scale = {"teacher": 1.0}
-    distiller = scaled_teacher_distiller(scale)
+    distiller = scaled_teacher_distiller(scale, ms)
     stage_one = loss_now(distiller)
     scale["teacher"] = 1.5
     assert loss_now(distiller) != stage_one  # stage 1 asks the teacher
