@@ -17,8 +17,11 @@ SDXL_UNET = {
 }
 
 
-def start_comfy(cpu=True):
-    """Import ComfyUI in this process as main.py configures it, and the repo as the package `fewstep`."""
+def start_comfy(cpu=True, pytorch_attention=False):
+    """Import ComfyUI in this process as main.py configures it, and the repo as the package `fewstep`.
+
+    pytorch_attention: as main.py's --use-pytorch-cross-attention (torch's scaled_dot_product_attention, what
+    ComfyUI picks by itself on an NVIDIA GPU) instead of the sub-quadratic attention it picks on the CPU."""
     sys.path.insert(0, str(ROOT / "tests"))
     sys.path.insert(0, str(COMFY))
     import comfy.cli_args
@@ -26,6 +29,7 @@ def start_comfy(cpu=True):
     import utils.install_util  # noqa: F401  (as main.py: ComfyUI's `utils` package before nodes puts comfy/ first)
 
     comfy.cli_args.args.cpu = cpu  # before any other comfy module reads it
+    comfy.cli_args.args.use_pytorch_cross_attention = pytorch_attention
     comfy.cli_args.args.disable_api_nodes = True
     import conftest  # noqa: F401  (tests/conftest.py: imports the repo as package `fewstep`)
 

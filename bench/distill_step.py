@@ -27,6 +27,13 @@ Setups:
   weights), bf16 weights and bf16 autocast (the node's default precision), checkpointing on: SD1.5 at 512 px
   (64×64 latents) batch 4, SDXL at 1024 px (128×128) batch 2; peak torch.cuda.max_memory_allocated against the
   24 GB goal. Refuses to start without CUDA.
+- `--full-size` (CPU): the same full-size configurations on the CPU, as the stand-in for the GPU rows where no GPU
+  is at hand: bf16 weights and autocast, checkpointing on, ComfyUI's pytorch attention (torch's
+  scaled_dot_product_attention, which ComfyUI picks by itself on an NVIDIA GPU; its CPU default, sub-quadratic
+  attention, would keep every chunk's attention weights for the backward, a cost the GPU path does not have). One
+  round without warm-up (a step takes minutes here); the report gives per configuration the peak RSS of the step
+  (RSS before it + its peak increase) and the same less what torch and ComfyUI hold before the model is built, in
+  GB (2³⁰ bytes) against the 24 GB goal, and the round's t_step and t_fwd (CPU times: not the GPU's).
 
 Method: each (model, latent size) runs in a fresh subprocess, its batches one after the other; for a batch,
 every item (t_fwd, t_target, t_student per checkpointing mode, train_step per configuration; one Distiller per
@@ -36,10 +43,11 @@ the node's settings (deterministic=True, M = 4, K = 50; rank 16, alpha 16).
 Memory, CPU: the peak RSS increase during a step, on the (untimed) warm-up round's steps: free heap goes back to
 the kernel (malloc_trim) and the kernel's peak-RSS mark is reset (/proc/self/clear_refs 5) right before the
 step, the peak read from VmHWM right after, so a step's number does not depend on what ran before it in the
-process. (Not on the timed steps: faulting the trimmed memory back in made a 16×16 batch-4 step ~9 % slower.) CUDA:
+process. (Not on the timed steps: faulting the trimmed memory back in made a 16×16 batch-4 step ~9 % slower;
+`--full-size` has no warm-up round, so there its one round is both.) CUDA:
 torch.cuda.max_memory_allocated after a reset before each step (absolute: weights included), max over the steps.
-Run: `make bench` (or .venv/bin/python bench/distill_step.py [--device cuda] [--steps N] [--sizes ...]
-[--batches ...] [--threads N]).
+Run: `make bench` (or .venv/bin/python bench/distill_step.py [--device cuda | --full-size] [--models ...] [--steps N]
+[--sizes ...] [--batches ...] [--cfg ...] [--threads N]).
 """
 import argparse
 import contextlib
@@ -67,7 +75,7 @@ SD15_UNET = {
 }
 FULL_SIZE = {"sd15": (SD15_UNET, 768, None), "sdxl": (SDXL_UNET, 2048, 1280)}  # unet, context dim, pooled dim
 MODEL_LABELS = {"tiny-sd15": "tiny SD1.5 (26 M UNet)", "sd15": "SD1.5 (860 M UNet)", "sdxl": "SDXL (2.57 B UNet)"}
-CUDA_DEFAULTS = {"sd15": (64, 4), "sdxl": (128, 2)}  # latent side, batch: 512 px ×4, 1024 px ×2
+FULL_SIZE_DEFAULTS = {"sd15": (64, 4), "sdxl": (128, 2)}  # latent side, batch: 512 px ×4, 1024 px ×2
 PROMPTS = ["a photo of a cat", "a red bicycle leaning on a wall", "mountains at dawn, oil painting",
            "a bowl of ramen, studio light", "an old lighthouse in a storm", "a robot reading a newspaper",
            "macro shot of a dragonfly", "a city street at night in the rain"]
@@ -259,6 +267,13 @@ class Probe:
         return p
 
 
+def attention_name():
+    """The attention function ComfyUI's UNets call (CrossAttention → optimized_attention)."""
+    import comfy.ldm.modules.attention as attention
+
+    return attention.optimized_attention.__name__
+
+
 def child(opts):
     """Measure every batch of `opts.batches` on one model and latent size; one RESULT line per batch."""
     import torch
@@ -266,9 +281,12 @@ def child(opts):
     cuda = opts.device == "cuda"
     if cuda and not torch.cuda.is_available():
         raise SystemExit("--device cuda needs a CUDA GPU; torch.cuda.is_available() is False here.")
-    start_comfy(cpu=not cuda)
+    # full size on the CPU: torch's scaled_dot_product_attention, the attention ComfyUI picks on an NVIDIA GPU (its
+    # CPU default, sub-quadratic attention, keeps every chunk's attention weights for the backward)
+    start_comfy(cpu=not cuda, pytorch_attention=opts.full_size and not cuda)
     if opts.threads and not cuda:
         torch.set_num_threads(opts.threads)
+    rss_base_kb = status_kb("VmRSS")  # torch and ComfyUI imported, no model yet
     from fewstep.distill.engine import PRECISIONS
     from fewstep.distill.lora import LoraSet
     from fewstep.host import training_model
@@ -280,6 +298,7 @@ def child(opts):
         model, data = tiny_sd15(opts.size, n, seed=0)
     else:
         model, data = full_size(opts.model, opts.size, n, device, autocast_dtype or torch.float32, seed=0)
+    rss_model_kb = status_kb("VmRSS")
     memory = CudaMemory(torch) if cuda else CpuMemory()
     with torch.inference_mode(False):
         teacher = training_model.TrainingModel(model)
@@ -299,6 +318,10 @@ def child(opts):
                 out["own_inference_ms"] = (time.perf_counter() - start) / 20 * 1000
                 out.update(lora_params=sum(p.numel() for p in lora.parameters()),
                            unet_params=sum(p.numel() for p in base.diffusion_model.parameters()),
+                           unet_bytes=sum(p.numel() * p.element_size() for p in base.diffusion_model.parameters()),
+                           unet_dtype=str(next(base.diffusion_model.parameters()).dtype).replace("torch.", ""),
+                           attention=attention_name(), rss_base_mb=rss_base_kb / 1024,
+                           rss_model_mb=rss_model_kb / 1024,
                            threads=torch.get_num_threads(), gpu=torch.cuda.get_device_name() if cuda else None)
                 print("RESULT " + json.dumps(out), flush=True)
         finally:
@@ -399,7 +422,7 @@ def measure(opts, b, device, model_sampling, data, sigmas, denoise, lora, blocks
                 continue
             try:
                 run_item(item, measured=r >= opts.warmup, instrumented=instrument_steps and r >= opts.warmup,
-                         mem_probe=memory.every_step or r == opts.warmup - 1)
+                         mem_probe=memory.every_step or r == max(opts.warmup - 1, 0))
             except torch.OutOfMemoryError:
                 oom.add(item)
                 for p in lora.parameters():
@@ -532,9 +555,53 @@ def report(results, opts):
                   f"{'met' if worst[1] <= GPU_GOAL_GB else 'not met'} (highest {worst[1]:.1f} GB, {worst[0]})")
 
 
+def report_full_size_cpu(results, opts):
+    """The CPU stand-in for the GPU rows: full-size configurations' memory on the CPU, and what a step took."""
+    first = results[0]
+    print(f"Distillation step, full-size random-weight UNets on the CPU (stand-in for the GPU rows) — torch threads: "
+          f"{first['threads']}, weights {first['unet_dtype']}, autocast {first['precision']}, attention "
+          f"{first['attention']}, LoRA rank {RANK} (alpha {ALPHA:g}), M = 4, K = 50, deterministic; "
+          f"{opts.warmup} warm-up and {opts.steps} measured round(s), one fresh process per model and latent size")
+    print()
+    print("| model | latent (px) | batch | CFG | ckpt | UNet weights (GB) | RSS before the step (GB) | step's peak RSS "
+          f"increase (GB) | peak RSS (GB) | peak RSS less torch + ComfyUI (GB) | vs {GPU_GOAL_GB:.0f} GB | t_step (s) "
+          "| t_fwd (s) | t_step (×fwd) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    gb = lambda mb: f"{mb / 1024:.2f}"  # noqa: E731
+    for res in results:
+        for s in res["steps"]:
+            label = (f"| {MODEL_LABELS[res['model']]} | {res['size']}×{res['size']} ({res['size'] * 8}) | {res['batch']} "
+                     f"| {s['cfg']} | {s['ckpt']} | {res['unet_bytes'] / 2 ** 30:.2f} ")
+            if s["peak_mb"] is None:
+                print(label + "| not measured |" + " |" * 7)
+                continue
+            peak = s["base_mb"] + s["peak_mb"]
+            fwd, step = res["fwd"], s["step"]
+            times = (f"| {step:.1f} | {fwd:.1f} | {step / fwd:.2f} |" if step and fwd
+                     else f"| {step or float('nan'):.1f} | {fwd or float('nan'):.1f} | |")
+            print(label + f"| {gb(s['base_mb'])} | {gb(s['peak_mb'])} | **{gb(peak)}** | {gb(peak - res['rss_base_mb'])} "
+                  f"| {'under' if peak / 1024 <= GPU_GOAL_GB else 'over'} " + times)
+    print()
+    print("GB = 2³⁰ bytes. peak RSS = RSS right before the step (after malloc_trim: the weights, the LoRA, its AdamW "
+          "state, the data, torch and ComfyUI) + the step's peak RSS increase (VmHWM reset before the step); less "
+          "torch + ComfyUI: minus the RSS before the model was built, the closer counterpart of the GPU's "
+          "max_memory_allocated (weights included). Times are of the round's one step and one forward each, cold "
+          "caches after the trim included: CPU step times, not the GPU's.")
+    for res in results:
+        print(f"- {MODEL_LABELS[res['model']]} {res['size']}² batch {res['batch']}: UNet {res['unet_params'] / 1e6:.1f} M "
+              f"params ({res['unet_dtype']}), LoRA {res['lora_params'] / 1e6:.2f} M params; RSS torch + ComfyUI "
+              f"{res['rss_base_mb'] / 1024:.2f} GB, with the model {res['rss_model_mb'] / 1024:.2f} GB; load average "
+              f"{res['load'][0]:.2f} → {res['load'][1]:.2f}" + ("" if res["peak_reset"] else
+                                                               "; peak-RSS reset refused: peaks include start-up"))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--full-size", action="store_true",
+                        help="CPU: the --device cuda configurations (full-size random-weight SD1.5 512 px batch 4, SDXL "
+                             "1024 px batch 2, bf16, checkpointing) on the CPU, for their peak memory; 1 round, "
+                             "no warm-up (CUDA: always full size)")
     parser.add_argument("--models", nargs="+", choices=sorted(MODEL_LABELS),
                         help="default: tiny-sd15 on the CPU; sd15 sdxl (full size, random weights) on CUDA")
     parser.add_argument("--sizes", nargs="+", type=int, help="latent sides (px / 8); default CPU 8 16, CUDA per model")
@@ -542,7 +609,8 @@ def main():
     parser.add_argument("--checkpointing", nargs="+", choices=("off", "on"), help="default CPU off on, CUDA on")
     parser.add_argument("--cfg", nargs="+", choices=("small", "normal"), default=["small", "normal"])
     parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), help="default CPU fp32, CUDA bf16")
-    parser.add_argument("--steps", type=int, default=5, help="measured rounds (steps per configuration)")
+    parser.add_argument("--steps", type=int, dest="steps_given",
+                        help="measured rounds (steps per configuration); default 5 (CPU --full-size: 1)")
     parser.add_argument("--warmup", type=int, help="warm-up rounds (default CPU 1, CUDA 2)")
     parser.add_argument("--threads", type=int, default=1, help="CPU torch threads (0 = torch's default)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -550,9 +618,13 @@ def main():
     parser.add_argument("--size", type=int, help=argparse.SUPPRESS)
     opts = parser.parse_args()
     cuda = opts.device == "cuda"
-    opts.checkpointing = opts.checkpointing or (["on"] if cuda else ["off", "on"])
-    opts.precision = opts.precision or ("bf16" if cuda else "fp32")
-    opts.warmup = opts.warmup if opts.warmup is not None else (2 if cuda else 1)
+    full = cuda or opts.full_size
+    if opts.full_size and "tiny-sd15" in (opts.models or []):
+        parser.error("--full-size runs the full-size models (sd15, sdxl), not tiny-sd15")
+    opts.checkpointing = opts.checkpointing or (["on"] if full else ["off", "on"])
+    opts.precision = opts.precision or ("bf16" if full else "fp32")
+    opts.warmup = opts.warmup if opts.warmup is not None else (2 if cuda else 0 if full else 1)
+    opts.steps = opts.steps_given if opts.steps_given is not None else (1 if opts.full_size and not cuda else 5)
     if opts.child:
         return child(opts)
     if cuda:
@@ -563,19 +635,19 @@ def main():
                    if torch.version.cuda else f"this torch ({torch.__version__}) is a CPU-only build")
             raise SystemExit(f"bench/distill_step.py --device cuda needs a CUDA GPU: {why}. Run it on a GPU machine "
                              "with a CUDA build of torch, or without --device for the CPU bench.")
-    models = opts.models or (["sd15", "sdxl"] if cuda else ["tiny-sd15"])
+    models = opts.models or (["sd15", "sdxl"] if full else ["tiny-sd15"])
     shared = ["--device", opts.device, "--precision", opts.precision, "--steps", str(opts.steps), "--warmup",
               str(opts.warmup), "--threads", str(opts.threads), "--checkpointing", *opts.checkpointing,
-              "--cfg", *opts.cfg]
+              "--cfg", *opts.cfg] + (["--full-size"] if opts.full_size else [])
     load_start, started = os.getloadavg(), time.perf_counter()
     results = []
     for model in models:
-        default_size, default_batch = CUDA_DEFAULTS.get(model, (None, None)) if cuda else (None, None)
+        default_size, default_batch = FULL_SIZE_DEFAULTS.get(model, (None, None)) if full else (None, None)
         sizes = opts.sizes or ([default_size] if default_size else [8, 16])
         batches = opts.batches or ([default_batch] if default_batch else [1, 4])
         for size in sizes:
             results += run_child(["--model", model, "--size", str(size), "--batches", *map(str, batches), *shared])
-    report(results, opts)
+    (report_full_size_cpu if opts.full_size and not cuda else report)(results, opts)
     load_end = os.getloadavg()
     print(f"\nwall time {time.perf_counter() - started:.0f} s; load average (1/5/15 min) at start "
           f"{' / '.join(f'{x:.2f}' for x in load_start)}, at end {' / '.join(f'{x:.2f}' for x in load_end)}")
