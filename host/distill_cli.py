@@ -1,7 +1,9 @@
 """Headless distillation: `python -m fewstep.distill --checkpoint model.safetensors --images folder/ ...`
 
-Loads the checkpoint with ComfyUI's own loader in-process (no server), encodes the images with its VAE and the
-prompts with its CLIP, and runs the same job as the PCM Distillation node. Under
+Loads the checkpoint with ComfyUI's own loader in-process (no server), or the separate files UNETLoader,
+CLIPLoader / DualCLIPLoader and VAELoader would load (--diffusion-model, --text-encoder ×N with --clip-type,
+--vae), encodes the images with the VAE and the prompts with the text encoders, and runs the same job as the PCM
+Distillation node. Under
 `torchrun --nproc_per_node N` it trains data-parallel with torch.distributed: every process draws the same
 global batch from the shared seed and takes its slice, gradients are averaged, rank 0 writes the files; the
 result equals one process at the same global batch (--batch-size is global and must divide by N).
@@ -20,6 +22,11 @@ import sys
 from ..distill.torchrun import exit_without_teardown
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+# comfy.sd.CLIPType's members in ComfyUI 0.3.75, lower case as CLIPLoader / DualCLIPLoader name them; listed here so
+# that --help and argument errors need no ComfyUI.
+CLIP_TYPES = ("stable_diffusion", "stable_cascade", "sd3", "stable_audio", "hunyuan_dit", "flux", "mochi", "ltxv",
+              "hunyuan_video", "pixart", "cosmos", "lumina2", "wan", "hidream", "chroma", "ace", "omnigen2",
+              "qwen_image", "hunyuan_image", "hunyuan_video_15")
 
 
 def parse_args(argv=None):
@@ -28,7 +35,17 @@ def parse_args(argv=None):
 
     d = DistillConfig()  # the training defaults: DistillConfig's own (the PCM Distillation node shows the same)
     p = argparse.ArgumentParser(prog="python -m fewstep.distill", description=__doc__.splitlines()[0])
-    p.add_argument("--checkpoint", required=True, help="model checkpoint (.safetensors) with UNet, CLIP and VAE")
+    p.add_argument("--checkpoint", help="model checkpoint (.safetensors) with UNet, CLIP and VAE in one file")
+    p.add_argument("--diffusion-model", metavar="PATH",
+                   help="instead of --checkpoint: the diffusion model (UNet/DiT) alone, as UNETLoader loads it; needs "
+                        "--text-encoder, --clip-type and --vae")
+    p.add_argument("--text-encoder", metavar="PATH", action="append", default=[],
+                   help="with --diffusion-model: a text encoder file, as CLIPLoader loads it; repeat for each (e.g. "
+                        "SD3: clip_l and clip_g, optionally t5xxl; FLUX: clip_l and t5xxl)")
+    p.add_argument("--clip-type", choices=CLIP_TYPES,
+                   help="with --diffusion-model: the text encoders' model family, CLIPLoader's type (sd3, flux, "
+                        "stable_diffusion for SD1.5/SDXL, ...)")
+    p.add_argument("--vae", metavar="PATH", help="with --diffusion-model: the VAE file, as VAELoader loads it")
     p.add_argument("--images", required=True, help="folder of training images (captions: <image>.txt beside each)")
     p.add_argument("--prompts", help="text file, one prompt per line: one per image (sorted by name) or a single line")
     p.add_argument("--prompt", help="one prompt shared by all images")
@@ -82,7 +99,38 @@ def parse_args(argv=None):
     p.add_argument("--virtual-ranks", type=int, default=1,
                    help="compute N data-parallel ranks' slices in this one process and average them as torchrun's "
                         "all-reduce does: N = 2 reproduces a 2-process run bit for bit (a check, not a speed-up)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    check_model_files(p, args)
+    return args
+
+
+def check_model_files(parser, args):
+    """Exactly one model source: --checkpoint, or --diffusion-model with its text encoders, type and VAE.
+
+    parser.error exits 2 with the usage, before ComfyUI is imported or anything is written."""
+    separate = {"--text-encoder": args.text_encoder, "--clip-type": args.clip_type, "--vae": args.vae}
+    if args.checkpoint and args.diffusion_model:
+        parser.error("--checkpoint and --diffusion-model exclude each other: give a full checkpoint (UNet, CLIP and "
+                     "VAE in one file) or the diffusion model with --text-encoder, --clip-type and --vae.")
+    if args.checkpoint:
+        given = [name for name, value in separate.items() if value]
+        if given:
+            parser.error(f"{', '.join(given)} {'go' if len(given) > 1 else 'goes'} only with --diffusion-model; "
+                         "--checkpoint uses its own CLIP and VAE. Drop them, or give --diffusion-model instead of "
+                         "--checkpoint.")
+    elif args.diffusion_model:
+        missing = [name for name, value in separate.items() if not value]
+        if missing:
+            parser.error(f"--diffusion-model needs {', '.join(missing)}: e.g. SD3: --text-encoder clip_l.safetensors "
+                         "--text-encoder clip_g.safetensors --clip-type sd3 --vae sd3_vae.safetensors.")
+    else:
+        parser.error("no model: give --checkpoint FILE (UNet, CLIP and VAE in one file), or --diffusion-model FILE "
+                     "with --text-encoder FILE (repeat for each), --clip-type and --vae FILE.")
+    for name, paths in (("--checkpoint", [args.checkpoint]), ("--diffusion-model", [args.diffusion_model]),
+                        ("--text-encoder", args.text_encoder), ("--vae", [args.vae])):
+        for path in paths:
+            if path and not pathlib.Path(path).is_file():
+                parser.error(f"{name} {path}: no such file.")
 
 
 def comfyui_root(explicit):
@@ -190,8 +238,29 @@ def main(argv=None):
             dist.destroy_process_group()
 
 
-def train(args, output, rank):
+def load_models(args):
+    """(MODEL, CLIP, VAE) with ComfyUI's own loaders: CheckpointLoaderSimple's call, or UNETLoader's,
+    CLIPLoader / DualCLIPLoader's and VAELoader's on the separate files."""
     import comfy.sd
+    import comfy.utils
+
+    if args.checkpoint:
+        model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(args.checkpoint, output_vae=True, output_clip=True)
+        if clip is None or vae is None:
+            raise SystemExit(f"{args.checkpoint} has no CLIP or VAE; give a full checkpoint, or --diffusion-model "
+                             "with --text-encoder, --clip-type and --vae.")
+        return model, clip, vae
+    clip_type = getattr(comfy.sd.CLIPType, args.clip_type.upper(), None)
+    if clip_type is None:
+        raise SystemExit(f"--clip-type {args.clip_type} is not known to this ComfyUI (comfy.sd.CLIPType).")
+    model = comfy.sd.load_diffusion_model(args.diffusion_model)
+    clip = comfy.sd.load_clip(ckpt_paths=list(args.text_encoder), embedding_directory=None, clip_type=clip_type)
+    vae = comfy.sd.VAE(sd=comfy.utils.load_torch_file(args.vae))
+    vae.throw_exception_if_invalid()
+    return model, clip, vae
+
+
+def train(args, output, rank):
     import torch
 
     from ..distill.engine import DistillConfig
@@ -201,9 +270,7 @@ def train(args, output, rank):
     files = list_images(args.images)
     prompts = read_prompts(args, files)
     with torch.inference_mode(False):
-        model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(args.checkpoint, output_vae=True, output_clip=True)
-        if clip is None or vae is None:
-            raise SystemExit(f"{args.checkpoint} has no CLIP or VAE; the CLI needs a full checkpoint.")
+        model, clip, vae = load_models(args)
         with torch.no_grad():
             latents = vae.encode(load_images(files, args.resolution, args.flip))
             if args.flip and len(prompts) > 1:
