@@ -68,6 +68,22 @@ on a warm page cache in a process that has ComfyUI imported; ComfyUI keeps diffu
     Parameters 2.0 M, file 3.8 MiB, generation 0.1 s [0.2 s], load 0.02 s [0.1 s], forward on a
     1x16x16x16 latent < 10 ms.
 
+``cached_tiny_sd3_text_encoders(seed=0)`` -> (<repo>/.cache/fewstep_tiny_sd3_clip_l.safetensors,
+<repo>/.cache/fewstep_tiny_sd3_clip_g.safetensors) and ``cached_tiny_sd3_vae(seed=0)`` ->
+<repo>/.cache/fewstep_tiny_sd3_vae.safetensors
+    The separate files an SD3 user loads beside the MMDiT: CLIP-L and CLIP-G each alone in the HF layout
+    (``text_model.*`` and ``text_projection.weight``, no prefix; what DualCLIPLoader / ``comfy.sd.load_clip``
+    reads, the layout of the released clip_l / clip_g files), float8_e4m3fn like the SDXL checkpoint's text
+    encoders, and a TAESD-style 16-channel VAE (``taesd_encoder.*``, ``taesd_decoder.*``, float16, with
+    ``vae_scale`` 1.5305 and ``vae_shift`` 0.0609 as VAELoader gives taesd3). ``comfy.sd.load_clip`` with
+    ``CLIPType.SD3`` detects CLIP-L and CLIP-G (``detect_te_model``: layer 30 makes CLIP-G) and builds SD3's text
+    encoder without T5, which pads the L+G context to 4096 and pools 2048 (l 768 + g 1280): the tiny MMDiT's
+    widths. ``comfy.sd.VAE`` reads the latent channels from ``taesd_decoder.1.weight``. Neither text encoder can
+    shrink: ComfyUI builds CLIP-L and CLIP-G from its fixed configs (sd1_clip_config.json, clip_config_bigg.json)
+    whatever the file holds, and CLIP-G is detected by its 31st layer, so a reduced file would leave weights
+    unset. CLIP-L 123.7 M parameters, CLIP-G 694.7 M (fp8: 118 + 663 MiB); the VAE 2.5 M (4.7 MiB). Generation
+    of all three about 15 s; load_clip of L + G 5.1 s (float16 on CPU, 1.56 GB), the first prompt 6 s.
+
 ``cached_tiny_flux(seed=0)`` -> <repo>/.cache/fewstep_tiny_flux_dit.safetensors
     Diffusion-model-only FLUX.1-dev-style file (``double_blocks.*``, ``single_blocks.*``, ``guidance_in.*``,
     ``vector_in.*``, ``txt_in.*``, ``img_in.*``, no prefix), bfloat16 like the released dev weights.
@@ -85,7 +101,8 @@ on a warm page cache in a process that has ComfyUI imported; ComfyUI keeps diffu
 tests/host/test_tiny_models.py loads all four through comfy.sd: 34 s with nothing cached (idle machine), 17 s
 with the files cached (10 s when the page cache is hot), ComfyUI start-up included.
 
-Command line: ``python tests/support/tiny_models.py {sdxl,sdxl_unet,sd3,flux} OUT.safetensors [--seed N]``.
+Command line: ``python tests/support/tiny_models.py {sdxl,sdxl_unet,sd3,sd3_clip_l,sd3_clip_g,sd3_vae,flux}
+OUT.safetensors [--seed N]``.
 """
 from __future__ import annotations
 
@@ -172,11 +189,14 @@ FLUX_DIT_CONFIG = {
 
 # ComfyUI's VAELoader gives a standalone taesdxl this scale (and shift 0); the checkpoint's TAESD carries the same.
 TAESD_XL_SCALE = 0.13025
+# ... and taesd3 these (SD3's latent scale and shift).
+TAESD_3_SCALE, TAESD_3_SHIFT = 1.5305, 0.0609
 # OpenCLIP's trained logit scale, ln(100).
 CLIP_LOGIT_SCALE = math.log(100.0)
 
 # One random stream per part, so a part's values do not depend on which other parts a file holds.
-_STREAMS = {"unet": 1, "clip_l": 2, "clip_g": 3, "vae": 4, "sd3": 5, "flux": 6}
+_STREAMS = {"unet": 1, "clip_l": 2, "clip_g": 3, "vae": 4, "sd3": 5, "flux": 6, "sd3_clip_l": 7, "sd3_clip_g": 8,
+            "sd3_vae": 9}
 
 # Layers whose output is added to a residual stream or is the prediction: half gain keeps the variance in check.
 _RESIDUAL_OUT = (".out_layers.3.", ".proj_out.", ".to_out.0.", ".ff.net.2.", "out.2.", "attn.proj.", "mlp.2.",
@@ -385,6 +405,68 @@ def cached_tiny_sd3(seed: int = 0, cache_dir=None) -> pathlib.Path:
     return write_tiny_sd3(_cache_path("fewstep_tiny_sd3_dit", seed, cache_dir), seed=seed)
 
 
+def _hf_clip_shapes(config_name):
+    """{key: shape} of ComfyUI's CLIPTextModel for one of its configs, as a standalone HF-layout text encoder file
+    holds it (``text_model.*`` and ``text_projection.weight``)."""
+    import torch
+
+    comfy, _, _ = _import_comfy()
+    cfg_file = pathlib.Path(comfy.clip_model.__file__).resolve().parent / config_name
+    with open(cfg_file) as f:
+        cfg = json.load(f)
+    model = comfy.clip_model.CLIPTextModel(cfg, torch.float32, torch.device("meta"), comfy.ops.manual_cast)
+    return _module_shapes(model)
+
+
+def write_tiny_sd3_clip_l(path, seed: int = 0) -> pathlib.Path:
+    """Write (or reuse) a standalone CLIP-L text encoder (HF layout, fp8) at ``path``; returns the path."""
+    import torch
+
+    return _write(path, seed, "fewstep.tiny_sd3_clip_l", "random-weight CLIP-L text encoder, HF layout (fewstep tests)",
+                  {"config": "sd1_clip_config.json"},
+                  lambda: _draw(_hf_clip_shapes("sd1_clip_config.json"), "sd3_clip_l", seed, "", torch.float8_e4m3fn))
+
+
+def write_tiny_sd3_clip_g(path, seed: int = 0) -> pathlib.Path:
+    """Write (or reuse) a standalone CLIP-G (bigG) text encoder (HF layout, fp8) at ``path``; returns the path."""
+    import torch
+
+    return _write(path, seed, "fewstep.tiny_sd3_clip_g", "random-weight CLIP-G text encoder, HF layout (fewstep tests)",
+                  {"config": "clip_config_bigg.json"},
+                  lambda: _draw(_hf_clip_shapes("clip_config_bigg.json"), "sd3_clip_g", seed, "", torch.float8_e4m3fn))
+
+
+def _sd3_vae_tensors(seed):
+    import torch
+
+    _, _, taesd = _import_comfy()
+    with torch.device("meta"):
+        vae = taesd.TAESD(latent_channels=LATENT_CHANNELS["sd3"])
+    shapes = {k: s for k, s in _module_shapes(vae).items() if k not in ("vae_scale", "vae_shift")}
+    tensors = _draw(shapes, "sd3_vae", seed, "", torch.float16)
+    tensors["vae_scale"] = torch.tensor(TAESD_3_SCALE, dtype=torch.float32)
+    tensors["vae_shift"] = torch.tensor(TAESD_3_SHIFT, dtype=torch.float32)
+    return tensors
+
+
+def write_tiny_sd3_vae(path, seed: int = 0) -> pathlib.Path:
+    """Write (or reuse) a 16-channel TAESD-style VAE file (VAELoader's taesd3 layout, fp16) at ``path``."""
+    return _write(path, seed, "fewstep.tiny_sd3_vae", "random-weight 16-channel TAESD VAE (fewstep tests)",
+                  {"latent_channels": LATENT_CHANNELS["sd3"], "vae_scale": TAESD_3_SCALE, "vae_shift": TAESD_3_SHIFT},
+                  lambda: _sd3_vae_tensors(seed))
+
+
+def cached_tiny_sd3_text_encoders(seed: int = 0, cache_dir=None):
+    """(CLIP-L, CLIP-G) paths under <repo>/.cache (other seeds get a suffix), written once, then reused."""
+    return (write_tiny_sd3_clip_l(_cache_path("fewstep_tiny_sd3_clip_l", seed, cache_dir), seed=seed),
+            write_tiny_sd3_clip_g(_cache_path("fewstep_tiny_sd3_clip_g", seed, cache_dir), seed=seed))
+
+
+def cached_tiny_sd3_vae(seed: int = 0, cache_dir=None) -> pathlib.Path:
+    """<repo>/.cache/fewstep_tiny_sd3_vae.safetensors (other seeds get a suffix), written once, then reused."""
+    return write_tiny_sd3_vae(_cache_path("fewstep_tiny_sd3_vae", seed, cache_dir), seed=seed)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # FLUX
 
@@ -411,7 +493,9 @@ def cached_tiny_flux(seed: int = 0, cache_dir=None) -> pathlib.Path:
     return write_tiny_flux(_cache_path("fewstep_tiny_flux_dit", seed, cache_dir), seed=seed)
 
 
-WRITERS = {"sdxl": write_tiny_sdxl, "sdxl_unet": write_tiny_sdxl_unet, "sd3": write_tiny_sd3, "flux": write_tiny_flux}
+WRITERS = {"sdxl": write_tiny_sdxl, "sdxl_unet": write_tiny_sdxl_unet, "sd3": write_tiny_sd3,
+           "sd3_clip_l": write_tiny_sd3_clip_l, "sd3_clip_g": write_tiny_sd3_clip_g, "sd3_vae": write_tiny_sd3_vae,
+           "flux": write_tiny_flux}
 
 
 def main(argv=None) -> int:
