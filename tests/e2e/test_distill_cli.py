@@ -1,12 +1,16 @@
 """The headless CLI, `python -m fewstep.distill`, in fresh processes: one process, and torchrun with 2 gloo processes.
 
-Both load the tiny SD1.5 checkpoint with ComfyUI's own loader in-process and train on the same image folder.
+Both load the tiny SD1.5 checkpoint with ComfyUI's own loader in-process and train on the same image folder; the
+SD3 tests load the tiny MMDiT, CLIP-L, CLIP-G and 16-channel VAE as separate files (--diffusion-model,
+--text-encoder ×2, --clip-type sd3, --vae), and core LoraLoader's call applies the written LoRAs in a fresh process
+(tests/support/core_lora_load.py).
 A 2-process run must equal one process computing the same 2 ranks (`--virtual-ranks 2`) bit for bit: that
 checks the launch, the slicing, the all-reduce and rank 0's files. That the ranks together compute the global
 batch's loss and gradient is checked to float64 rounding on the engine (tests/test_distill_engine.py); here the
 first step's loss of one process at the global batch agrees to the log's 5 significant digits. Later steps are
 not compared: AdamW turns rounding-level gradient differences into ±lr moves.
 """
+import json
 import os
 import pathlib
 import re
@@ -19,6 +23,7 @@ from safetensors.torch import load_file
 
 from support.server import comfyui_path, free_port
 from support.tiny_checkpoint import cached_tiny_sd15
+from support.tiny_models import cached_tiny_sd3, cached_tiny_sd3_text_encoders, cached_tiny_sd3_vae
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 ARGS = ["--resolution", "64", "--cpu", "--steps", "3", "--learning-rate", "1e-4", "--phases", "2", "--ddim-timesteps", "10", "--batch-size", "2",
@@ -39,14 +44,32 @@ def workspace(tmp_path_factory):
     return root
 
 
+def cli_env(workspace):
+    return {**os.environ, "PYTHONPATH": str(workspace / "pkg"), "COMFYUI_PATH": str(comfyui_path()),
+            "OMP_NUM_THREADS": "1"}
+
+
 def cli(workspace, *args, nproc=1):
-    env = {**os.environ, "PYTHONPATH": str(workspace / "pkg"), "COMFYUI_PATH": str(comfyui_path()),
-           "OMP_NUM_THREADS": "1"}
     launcher = [sys.executable, "-m"] if nproc == 1 else \
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
          str(free_port()), "-m"]
-    return subprocess.run(launcher + ["fewstep.distill", *args], cwd=workspace, env=env, capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.run(launcher + ["fewstep.distill", *args], cwd=workspace, env=cli_env(workspace),
+                          capture_output=True, text=True, timeout=300)
+
+
+def core_load(workspace, model_args, loras):
+    """{LoRA path: core's record} from tests/support/core_lora_load.py in a fresh process (see its docstring)."""
+    script = REPO / "tests" / "support" / "core_lora_load.py"
+    run = subprocess.run([sys.executable, str(script), *model_args, *map(str, loras)], cwd=workspace,
+                         env=cli_env(workspace), capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    records = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
+    return {pathlib.Path(r["lora"]): r for r in records}
+
+
+def assert_core_applies_every_key(record):
+    assert record["warnings"] == [], record["warnings"]  # no "lora key not loaded", no "NOT LOADED"
+    assert record["tensors"] > 0 and record["tensors"] % 3 == 0 and record["patches"] == record["tensors"] // 3
 
 
 def losses(output):
@@ -101,6 +124,9 @@ def test_bad_arguments_exit_with_the_reason(workspace, tmp_path):
     run = cli(workspace, "--checkpoint", checkpoint, "--images", str(workspace / "images"), "--output",
               str(tmp_path / "x.safetensors"), *ARGS, "--virtual-ranks", "0")
     assert run.returncode == 2 and "virtual_ranks must be 1 under torch.distributed (1 processes) and at least 1" in run.stderr
+    run = cli(workspace, "--diffusion-model", str(cached_tiny_sd3()), "--images", str(workspace / "images"), "--output",
+              str(tmp_path / "x.safetensors"), *ARGS)
+    assert run.returncode == 2 and "--diffusion-model needs --text-encoder, --clip-type, --vae" in run.stderr
     assert not (tmp_path / "x.safetensors").exists()
 
 
@@ -145,3 +171,96 @@ def test_methods_write_a_lora_whose_metadata_gives_the_preset(workspace, tmp_pat
     assert f'"method": "{method}"' in state_meta["config"]
     if method == "tscd":
         assert state_meta["stage"] == "1" and any(k.startswith("previous.") for k in tensors)
+    assert_core_applies_every_key(core_load(workspace, ["--checkpoint", str(cached_tiny_sd15())], [out])[out])
+
+
+def sd3_model_args():
+    clip_l, clip_g = cached_tiny_sd3_text_encoders()
+    return ["--diffusion-model", str(cached_tiny_sd3()), "--text-encoder", str(clip_l), "--text-encoder", str(clip_g),
+            "--clip-type", "sd3", "--vae", str(cached_tiny_sd3_vae())]
+
+
+# method: (extra CLI options, the preset's (sampler, scheduler, gamma, phases, ddim_timesteps))
+SD3_METHODS = {
+    "pcm": ([], ("pcm", "pcm", None, 2, 10)),
+    "tcd": ([], ("tcd", "lcm", 0.3, None, None)),
+    "tscd": (["--tscd-segments", "2,1"], ("tcd", "lcm", 1.0, None, None)),
+}
+
+
+@pytest.fixture(scope="module")
+def sd3_runs(workspace):
+    """Each method trained 2 steps on the tiny SD3 files (three CLI processes side by side), then every written
+    LoRA applied by core in one process: {method: (CompletedProcess-like run, LoRA metadata, core's record)}."""
+    from safetensors import safe_open
+
+    model_args = sd3_model_args()
+    out = workspace / "sd3"
+    procs = {}
+    for method, (extra, _) in SD3_METHODS.items():
+        args = [*model_args, "--images", str(workspace / "images"), *ARGS, "--steps", "2", "--method", method, *extra,
+                "--output", str(out / f"{method}.safetensors")]
+        procs[method] = subprocess.Popen([sys.executable, "-m", "fewstep.distill", *args], cwd=workspace,
+                                         env=cli_env(workspace), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                         text=True)
+    runs = {}
+    for method, proc in procs.items():
+        stdout, stderr = proc.communicate(timeout=300)
+        runs[method] = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+    written = [out / f"{m}.safetensors" for m in SD3_METHODS if (out / f"{m}.safetensors").is_file()]
+    core = core_load(workspace, ["--diffusion-model", str(cached_tiny_sd3())], written) if written else {}
+    result = {}
+    for method, run in runs.items():
+        path = out / f"{method}.safetensors"
+        meta = None
+        if path.is_file():
+            with safe_open(str(path), "pt") as f:
+                meta = f.metadata()
+        result[method] = (run, meta, core.get(path))
+    return result
+
+
+@pytest.mark.subprocess
+@pytest.mark.parametrize("method", list(SD3_METHODS))
+def test_sd3_from_separate_files_trains_each_method_loads_in_core_and_gives_its_preset(sd3_runs, method):
+    """The FLOW model route: MMDiT, CLIP-L + CLIP-G (SD3's text encoder without T5) and a 16-channel VAE as separate
+    files. Each method's LoRA is applied by core LoraLoader with zero missed keys and reads back as its preset."""
+    from fewstep.loras import presets
+
+    run, meta, core = sd3_runs[method]
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "clip missing" not in run.stderr  # both tiny text encoders load whole
+    assert len(losses(run.stderr)) == 2 and all(loss == loss for loss in losses(run.stderr))
+    assert meta["fewstep.method"] == method and meta["fewstep.base_arch"] == "sd3"
+    assert_core_applies_every_key(core)
+    preset = presets.preset_from_metadata(meta)
+    assert (preset.sampler, preset.scheduler, preset.gamma, preset.phases, preset.ddim_timesteps) == \
+        SD3_METHODS[method][1], preset.message
+    assert preset.source == "metadata" and preset.base_arch == "sd3"
+
+
+@pytest.mark.parametrize("argv,message", [
+    ([], "no model: give --checkpoint FILE"),
+    (["--checkpoint", "{ckpt}", "--diffusion-model", "{dit}"], "--checkpoint and --diffusion-model exclude each other"),
+    (["--checkpoint", "{ckpt}", "--vae", "{vae}"], "--vae goes only with --diffusion-model"),
+    (["--diffusion-model", "{dit}", "--clip-type", "sd3", "--vae", "{vae}"], "--diffusion-model needs --text-encoder"),
+    (["--diffusion-model", "{dit}", "--text-encoder", "{dit}", "--vae", "{vae}"],
+     "--diffusion-model needs --clip-type"),
+    (["--diffusion-model", "{dit}", "--text-encoder", "{dit}", "--clip-type", "sd3"], "--diffusion-model needs --vae"),
+    (["--diffusion-model", "{dit}", "--text-encoder", "nowhere.safetensors", "--clip-type", "sd3", "--vae", "{vae}"],
+     "--text-encoder nowhere.safetensors: no such file"),
+    (["--diffusion-model", "{dit}", "--text-encoder", "{dit}", "--clip-type", "sd4", "--vae", "{vae}"],
+     "argument --clip-type: invalid choice: 'sd4'"),
+])
+def test_model_file_options_are_checked_before_anything_loads(argv, message, tmp_path, capsys):
+    """Argument errors (argparse's exit 2, usage and the reason) need no ComfyUI and name the fix."""
+    from fewstep.host.distill_cli import parse_args
+
+    files = {name: tmp_path / f"{name}.safetensors" for name in ("ckpt", "dit", "vae")}
+    for path in files.values():
+        path.write_bytes(b"")
+    argv = [a.format(**{k: str(v) for k, v in files.items()}) for a in argv]
+    with pytest.raises(SystemExit) as exit_:
+        parse_args([*argv, "--images", str(tmp_path), "--output", str(tmp_path / "x.safetensors"), "--prompt", "p"])
+    assert exit_.value.code == 2
+    assert message in capsys.readouterr().err
