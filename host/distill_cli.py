@@ -126,11 +126,16 @@ def check_model_files(parser, args):
     else:
         parser.error("no model: give --checkpoint FILE (UNet, CLIP and VAE in one file), or --diffusion-model FILE "
                      "with --text-encoder FILE (repeat for each), --clip-type and --vae FILE.")
+
+
+def missing_model_file(args):
+    """The first model file option whose file is not there, as the message that says so; None when all are."""
     for name, paths in (("--checkpoint", [args.checkpoint]), ("--diffusion-model", [args.diffusion_model]),
                         ("--text-encoder", args.text_encoder), ("--vae", [args.vae])):
         for path in paths:
             if path and not pathlib.Path(path).is_file():
-                parser.error(f"{name} {path}: no such file.")
+                return f"{name} {path}: no such file."
+    return None
 
 
 def comfyui_root(explicit):
@@ -212,6 +217,10 @@ def entry_point():
 
 def main(argv=None):
     args = parse_args(argv)
+    missing = missing_model_file(args)
+    if missing:  # as argparse reports, before ComfyUI is imported or anything is written
+        print(f"python -m fewstep.distill: error: {missing}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))

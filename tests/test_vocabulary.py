@@ -117,7 +117,8 @@ def test_readme_and_help_pages_state_the_registry_defaults():
 # ---------------------------------------------------------------- training defaults
 
 CLI_ONLY = {"checkpoint", "images", "prompts", "prompt", "output", "resolution", "flip", "comfyui", "cpu",
-            "no_gradient_checkpointing", "save_every", "resume", "virtual_ranks"}
+            "no_gradient_checkpointing", "save_every", "resume", "virtual_ranks", "diffusion_model", "text_encoder",
+            "clip_type", "vae"}
 
 
 def test_cli_defaults_are_distill_configs():

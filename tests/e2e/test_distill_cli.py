@@ -247,8 +247,6 @@ def test_sd3_from_separate_files_trains_each_method_loads_in_core_and_gives_its_
     (["--diffusion-model", "{dit}", "--text-encoder", "{dit}", "--vae", "{vae}"],
      "--diffusion-model needs --clip-type"),
     (["--diffusion-model", "{dit}", "--text-encoder", "{dit}", "--clip-type", "sd3"], "--diffusion-model needs --vae"),
-    (["--diffusion-model", "{dit}", "--text-encoder", "nowhere.safetensors", "--clip-type", "sd3", "--vae", "{vae}"],
-     "--text-encoder nowhere.safetensors: no such file"),
     (["--diffusion-model", "{dit}", "--text-encoder", "{dit}", "--clip-type", "sd4", "--vae", "{vae}"],
      "argument --clip-type: invalid choice: 'sd4'"),
 ])
@@ -264,3 +262,14 @@ def test_model_file_options_are_checked_before_anything_loads(argv, message, tmp
         parse_args([*argv, "--images", str(tmp_path), "--output", str(tmp_path / "x.safetensors"), "--prompt", "p"])
     assert exit_.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_an_absent_model_file_is_named_before_anything_loads(tmp_path, capsys):
+    from fewstep.host.distill_cli import main
+
+    (tmp_path / "dit.safetensors").write_bytes(b"")
+    code = main(["--diffusion-model", str(tmp_path / "dit.safetensors"), "--text-encoder", "nowhere.safetensors",
+                 "--clip-type", "sd3", "--vae", str(tmp_path / "dit.safetensors"), "--images", str(tmp_path),
+                 "--output", str(tmp_path / "x.safetensors"), "--prompt", "p"])
+    assert code == 2 and "--text-encoder nowhere.safetensors: no such file." in capsys.readouterr().err
+    assert not (tmp_path / "x.safetensors").exists()
