@@ -107,3 +107,13 @@ def test_training_node_widgets_default_to_distill_config(comfy_host):
     assert len(shared) == 19, shared  # 15 training settings + method and its three TSCD settings
     assert {k: inputs[k].default for k in shared} == {k: config[k] for k in shared}
     assert (inputs["rank"].default, inputs["alpha"].default) == (DEFAULT_RANK, DEFAULT_ALPHA)
+
+
+def test_cli_clip_types_are_comfyuis(comfy_host):
+    """The CLI's --clip-type choices (kept in host/distill_cli.py so --help needs no ComfyUI) are exactly the pinned
+    ComfyUI's CLIPType members, as CLIPLoader names them."""
+    import comfy.sd
+
+    from fewstep.host.distill_cli import CLIP_TYPES
+
+    assert list(CLIP_TYPES) == [member.name.lower() for member in comfy.sd.CLIPType]
