@@ -61,32 +61,34 @@ def graph_card(server, name) -> Image.Image:
     return image.crop((0, 0, side, side)).resize((THUMBNAIL_WIDTH, THUMBNAIL_WIDTH), Image.LANCZOS)
 
 
+def output_card(server, name):
+    """(card, what it was made from): the image the workflow's API twin saves, run as shipped, scaled."""
+    graph = json.loads((API_DIR / f"{name}.json").read_text())
+    submitted = server.post_prompt(graph)
+    if not submitted.ok:
+        raise SystemExit(f"{name}: /prompt refused it: {submitted.messages()}")
+    entry = server.wait(submitted.prompt_id, timeout=1800)
+    if history_status(entry) != "success":
+        raise SystemExit(f"{name}: {execution_error(entry)}")
+    (image_path,) = server.output_files(entry)
+    return thumbnail(Image.open(image_path).convert("RGB")), image_path.name
+
+
 def main(names):
     server = pack_server()
     server.start()
     try:
         for name in names:
-            if not WORKFLOWS[name].runs_on_digits:
-                card = graph_card(server, name)
-                card.save(UI_DIR / f"{WORKFLOWS[name].title}.jpg", quality=90)
-                print(f"wrote workflows/{WORKFLOWS[name].title}.jpg ({card.width}×{card.height}) from its graph", flush=True)
-                continue
-            graph = json.loads((API_DIR / f"{name}.json").read_text())
-            submitted = server.post_prompt(graph)
-            if not submitted.ok:
-                raise SystemExit(f"{name}: /prompt refused it: {submitted.messages()}")
-            entry = server.wait(submitted.prompt_id, timeout=1800)
-            if history_status(entry) != "success":
-                raise SystemExit(f"{name}: {execution_error(entry)}")
-            (image_path,) = server.output_files(entry)
-            card = thumbnail(Image.open(image_path).convert("RGB"))
+            if WORKFLOWS[name].runs_on_digits:
+                card, source = output_card(server, name)
+            else:
+                card, source = graph_card(server, name), "its graph"
             title = WORKFLOWS[name].title
             card.save(UI_DIR / f"{title}.jpg", quality=90)
-            print(f"wrote workflows/{title}.jpg ({card.width}×{card.height}) from {image_path.name}", flush=True)
+            print(f"wrote workflows/{title}.jpg ({card.width}×{card.height}) from {source}", flush=True)
     finally:
         server.stop()
         server.cleanup()
-
 
 if __name__ == "__main__":
     main(sys.argv[1:] or sorted(p.stem for p in API_DIR.glob("*.json")))
