@@ -51,6 +51,14 @@ class DistillDiverged(RuntimeError):
     """The loss or the gradients became NaN/Inf; the LoRA still holds the weights of the last good step."""
 
 
+def _comma_ints(text, what):
+    """[int, ...] of a comma list such as "8,4,2,1"; ValueError "<what>, got <text>." when it is not one."""
+    try:
+        return [int(v) for v in text.replace(" ", "").split(",")]
+    except ValueError:
+        raise ValueError(f"{what}, got {text!r}.") from None
+
+
 @dataclass
 class DistillConfig:
     """The training settings. Its field defaults are the pack's training defaults: the PCM Distillation node's
@@ -84,23 +92,15 @@ class DistillConfig:
 
     def segments(self):
         """The TSCD stages' segment counts, as integers (ValueError naming the setting when malformed)."""
-        try:
-            values = [int(v) for v in self.tscd_segments.replace(" ", "").split(",")]
-        except ValueError:
-            raise ValueError(f"tscd_segments must be a comma list of whole numbers such as 8,4,2,1, got "
-                             f"{self.tscd_segments!r}.") from None
-        return values
+        return _comma_ints(self.tscd_segments, "tscd_segments must be a comma list of whole numbers such as 8,4,2,1")
 
     def stage_steps(self):
         """Optimiser steps of each TSCD stage (a list as long as `segments()`)."""
         stages = len(self.segments())
         if not self.tscd_stage_steps.strip():
             return [self.steps // stages + (1 if i < self.steps % stages else 0) for i in range(stages)]
-        try:
-            return [int(v) for v in self.tscd_stage_steps.replace(" ", "").split(",")]
-        except ValueError:
-            raise ValueError(f"tscd_stage_steps must be a comma list of whole numbers (steps per stage) or empty, "
-                             f"got {self.tscd_stage_steps!r}.") from None
+        return _comma_ints(self.tscd_stage_steps,
+                           "tscd_stage_steps must be a comma list of whole numbers (steps per stage) or empty")
 
     def stage_at(self, step):
         """The 0-based TSCD stage that trains optimiser step `step` + 1 (the last stage once training is over);
