@@ -133,26 +133,19 @@ class ComfyServer:
         pack = self.base_dir / "custom_nodes" / PACK_NAME
         if not pack.exists():
             pack.symlink_to(REPO_ROOT, target_is_directory=True)
-        for ckpt in self.checkpoints:
-            if not ckpt.is_file():
-                raise FileNotFoundError(f"checkpoint {ckpt} does not exist")
-            link = self.base_dir / "models" / "checkpoints" / ckpt.name
-            if not link.exists():
-                link.symlink_to(ckpt.resolve())
-        for folder, files in (("models/loras", self.loras), ("input", self.inputs)):
-            for file in files:
-                link = self.base_dir / folder / file.name
-                if not link.exists():
-                    link.symlink_to(file.resolve())
-        for file in self.lora_copies:
-            shutil.copyfile(file, self.base_dir / "models" / "loras" / file.name)
-        for relative, file in self.model_links.items():
-            link = self.base_dir / "models" / relative
+        links = {f"models/checkpoints/{file.name}": file for file in self.checkpoints}
+        links.update({f"models/loras/{file.name}": file for file in self.loras})
+        links.update({f"input/{file.name}": file for file in self.inputs})
+        links.update({f"models/{relative}": file for relative, file in self.model_links.items()})
+        for relative, file in links.items():
             if not file.is_file():
-                raise FileNotFoundError(f"model file {file} (for models/{relative}) does not exist")
+                raise FileNotFoundError(f"{file} (for {relative}) does not exist")
+            link = self.base_dir / relative
             link.parent.mkdir(parents=True, exist_ok=True)
             if not link.exists():
                 link.symlink_to(file.resolve())
+        for file in self.lora_copies:
+            shutil.copyfile(file, self.base_dir / "models" / "loras" / file.name)
 
     def start(self) -> "ComfyServer":
         if self.process is not None:
