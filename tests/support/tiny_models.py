@@ -261,13 +261,7 @@ def _sdxl_unet_shapes():
 
 def _clip_g_openclip_shapes():
     """Shapes of the bigG text tower in OpenCLIP's layout, derived from ComfyUI's (HF-layout) CLIPTextModel."""
-    import torch
-
-    comfy, _, _ = _import_comfy()
-    cfg_file = pathlib.Path(comfy.clip_model.__file__).resolve().parent / "clip_config_bigg.json"
-    with open(cfg_file) as f:
-        cfg = json.load(f)
-    hf = _module_shapes(comfy.clip_model.CLIPTextModel(cfg, torch.float32, torch.device("meta"), comfy.ops.manual_cast))
+    hf = _hf_clip_shapes("clip_config_bigg.json")
 
     renames = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj",
                "self_attn.out_proj": "attn.out_proj"}
